@@ -1,0 +1,45 @@
+# verlyard: make demo | make test | make up | make bench | make lint
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test unit integration e2e lint up demo bench soak clean
+
+$(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e 'shared[embedded]' -e services/api -e services/scheduler -e services/gpu-agent -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/pyright
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration -q
+
+e2e: $(STAMP)
+	$(PY) -m pytest tests/e2e -q
+
+test: $(STAMP)
+	$(MAKE) lint
+	$(PY) -m pytest tests -q
+
+up: $(STAMP)
+	$(VENV)/bin/verlyard up
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
