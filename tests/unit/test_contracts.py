@@ -99,7 +99,7 @@ def test_public_shape_is_flat_with_type_and_data_without_the_tag() -> None:
 
 
 def test_unknown_tag_is_a_clear_decode_error() -> None:
-    with pytest.raises(msgspec.ValidationError, match="Invalid value 'stage.exploded'"):
+    with pytest.raises(msgspec.ValidationError, match=r"Invalid value 'stage\.exploded'"):
         codec.decode_event(b'{"type": "stage.exploded", "stage": "x"}')
 
 
