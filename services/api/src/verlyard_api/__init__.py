@@ -1,0 +1,1 @@
+"""verlyard_api: the HTTP API service, projections and the outbox relay."""

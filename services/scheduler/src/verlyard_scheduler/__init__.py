@@ -1,0 +1,1 @@
+"""verlyard_scheduler: folds events into DAG state and decides what runs where."""

@@ -1,0 +1,126 @@
+"""Entrypoint: the API service (composition root). Litestar over uvicorn, the outbox relay beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+import uvicorn
+from litestar import Litestar, get
+from litestar.response import Response
+from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
+from nats.aio.client import Client as NATS
+
+from verlyard_shared.logging import configure_logging
+from verlyard_shared.runtime import retry_until, stop_on_signals
+from verlyard_shared.settings import Settings
+
+log = structlog.get_logger("verlyard.api")
+
+
+@dataclass
+class ApiDeps:
+    """What the HTTP handlers need; None while a backing service is not connected yet."""
+
+    pool: asyncpg.Pool | None = None
+    nc: NATS | None = None
+    relay_lag: dict[str, Any] = field(default_factory=dict)
+
+
+@get("/healthz", sync_to_thread=False)
+def healthz() -> dict[str, str]:
+    """Liveness: the process serves HTTP (no token needed)."""
+    return {"status": "ok"}
+
+
+def create_app(deps: ApiDeps) -> Litestar:
+    @get("/readyz")
+    async def readyz() -> Response[dict[str, Any]]:
+        """Readiness: Postgres answers and NATS is connected."""
+        problems: list[str] = []
+        if deps.pool is None:
+            problems.append("database not connected")
+        else:
+            try:
+                async with asyncio.timeout(2):
+                    await deps.pool.fetchval("SELECT 1")
+            except Exception as exc:
+                problems.append(f"database unavailable ({type(exc).__name__})")
+        if deps.nc is None or not deps.nc.is_connected:
+            problems.append("nats not connected")
+        if problems:
+            return Response(
+                {"error": "unavailable", "detail": "; ".join(problems)},
+                status_code=HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "1"},
+            )
+        return Response({"status": "ready"})
+
+    return Litestar(route_handlers=[healthz, readyz], debug=False)
+
+
+async def serve(settings: Settings) -> None:
+    from verlyard_api.relay import OutboxRelay
+    from verlyard_shared.nats_topology import connect_nats, ensure_topology
+    from verlyard_shared.store.migrate import migrate
+    from verlyard_shared.store.postgres import connect_pool
+
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    deps = ApiDeps()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(deps), host=settings.api_host, port=settings.api_port, log_config=None, lifespan="on")
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own SIGTERM
+    http = asyncio.create_task(server.serve(), name="http")
+    tasks: list[asyncio.Task[Any]] = [http]
+    try:
+        if settings.database_url is None or settings.nats_url is None:
+            raise SystemExit("verlyard api: VERLYARD_DATABASE_URL and VERLYARD_NATS_URL must be set")
+        database_url, nats_url = settings.database_url, settings.nats_url
+        deps.pool = await retry_until("postgres", lambda: connect_pool(database_url), stop)
+        if deps.pool is None:
+            return
+        await migrate(deps.pool)
+        deps.nc = await retry_until(
+            "nats",
+            lambda: connect_nats(
+                nats_url,
+                name="verlyard-api",
+                user=settings.nats_user,
+                password=settings.nats_password,
+                creds=settings.nats_creds,
+            ),
+            stop,
+        )
+        if deps.nc is None:
+            return
+        js = deps.nc.jetstream()
+        await ensure_topology(js)
+        relay = OutboxRelay(deps.pool, js)
+        tasks.append(asyncio.create_task(relay.run(stop), name="relay"))
+        log.info("api_ready", host=settings.api_host, port=settings.api_port)
+        await stop.wait()
+    finally:
+        stop.set()
+        server.should_exit = True
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=10)
+        if deps.nc is not None:
+            with contextlib.suppress(Exception):
+                await deps.nc.close()
+        if deps.pool is not None:
+            with contextlib.suppress(Exception):
+                await deps.pool.close()
+        log.info("api_stopped")
+
+
+def main(settings: Settings) -> int:
+    configure_logging("api", fmt=settings.log_format, level=settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
