@@ -10,6 +10,10 @@ Semantics (one contract test suite, `verlyard_shared.testing.store_contract`, ho
 - `read_all(after=p)` returns events with position > p in commit order, and never skips an event
   that commits later with a smaller position (docs/adr/0002-event-store-ordering.md).
 - `tracking` records a consumer's position in the same transaction as the append (its effects).
+  Recording the same position again is fine; a smaller one raises `TrackingMovedBackwards`.
+- An append request without events, or with expected_version < ANY, raises ValueError.
+- A lost connection raises `StoreUnavailable`; the append may or may not have committed, so callers
+  retry with the same event ids (idempotent) and get the original result back.
 """
 
 from __future__ import annotations
@@ -47,6 +51,16 @@ class DuplicateEventId(StoreError):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached (HTTP 503 + Retry-After)."""
+
+
+class TrackingMovedBackwards(StoreError):
+    """A consumer tried to record a position below the one it already recorded (a stale or duplicate worker)."""
+
+    def __init__(self, consumer: str, current: int, requested: int) -> None:
+        super().__init__(f"consumer {consumer!r} is at position {current}; refusing to move it back to {requested}")
+        self.consumer = consumer
+        self.current = current
+        self.requested = requested
 
 
 class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
