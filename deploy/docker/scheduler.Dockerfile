@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1.7
+# verlyard scheduler image: the scheduler (DAG fold, placement, leases), run as `verlyard scheduler`.
+# Build from the repository root (compose.yaml does this):
+#   docker build -f deploy/docker/scheduler.Dockerfile -t verlyard-scheduler .
+# Both stages use the same base, so the venv's interpreter path is identical in the final image.
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY shared/ shared/
+COPY services/scheduler/ services/scheduler/
+# Wheels first (ours from the local paths, dependencies from the index), then an offline install:
+# --no-index means a same-named package on a public index can never replace ours.
+RUN python -m pip wheel --wheel-dir /wheels ./shared ./services/scheduler \
+ && python -m venv /opt/verlyard \
+ && /opt/verlyard/bin/pip install --no-index --find-links /wheels verlyard-scheduler \
+ && /opt/verlyard/bin/python -c "import verlyard_scheduler, verlyard_shared"
+
+FROM ${PYTHON_IMAGE} AS final
+LABEL org.opencontainers.image.title="verlyard-scheduler" \
+      org.opencontainers.image.description="verlyard: the scheduler (DAG fold, placement, leases)"
+# A fixed, non-root uid: named volumes mounted on /var/lib/verlyard inherit its ownership.
+RUN groupadd --system --gid 10001 verlyard \
+ && useradd --system --uid 10001 --gid verlyard --home-dir /var/lib/verlyard --shell /usr/sbin/nologin verlyard \
+ && install -d -o verlyard -g verlyard -m 0750 /var/lib/verlyard
+COPY --from=builder /opt/verlyard /opt/verlyard
+COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/verlyard-healthcheck
+ENV PATH=/opt/verlyard/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    VERLYARD_HOME=/var/lib/verlyard \
+    VERLYARD_LOG_FORMAT=json
+USER 10001:10001
+WORKDIR /var/lib/verlyard
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["verlyard-healthcheck", "process", "scheduler"]
+ENTRYPOINT ["verlyard"]
+CMD ["scheduler"]
