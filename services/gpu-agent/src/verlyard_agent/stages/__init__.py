@@ -1,0 +1,1 @@
+"""Stage kinds: one module per kind, each `async def run(ctx: AttemptContext) -> StageResult`."""
