@@ -33,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--slots", type=int, default=None, help="CPU slots offered (default $VERLYARD_AGENT_SLOTS)")
     agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a placement label")
     sub.add_parser("migrate", help="apply database migrations to $VERLYARD_DATABASE_URL and exit")
+    token = sub.add_parser("token", help="manage API tokens (admin)").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
+    )
+    token_create = token.add_parser("create", help="create a token; prints it once")
+    token_create.add_argument("--role", required=True, choices=["admin", "member", "viewer"])
+    token_create.add_argument("--name", default=None, help="a name for the token (shown in the audit log)")
+    token_create.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    replay = sub.add_parser("replay", help="rebuild the read models from the event log (--verify: only compare)")
+    replay.add_argument("--verify", action="store_true", help="report differences instead of rebuilding")
+    replay.add_argument("--json", action="store_true", help="print the API's JSON report")
     return parser
 
 
@@ -88,6 +98,14 @@ def _run(args: argparse.Namespace) -> int:
             return agent_main(settings, agent_id=args.agent_id, slots=args.slots, labels=args.label)
         case "migrate":
             return _migrate(settings)
+        case "token":
+            from verlyard_shared.cli_api import token_create
+
+            return token_create(settings, role=args.role, name=args.name, as_json=args.json)
+        case "replay":
+            from verlyard_shared.cli_api import replay
+
+            return replay(settings, verify=args.verify, as_json=args.json)
         case _:
             raise CliError(f"unknown command {args.command!r}")
 

@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import structlog
 import uvicorn
 from litestar import Litestar, get
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.response import Response
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from nats.aio.client import Client as NATS
 
+from verlyard_api.auth import Principal
+from verlyard_api.context import ApiContext
+from verlyard_api.errors import Unavailable
+from verlyard_api.http import AuthMiddleware, RequestIdMiddleware, before_send, handle_exception
+from verlyard_api.routes import ROUTES
 from verlyard_shared.logging import configure_logging
 from verlyard_shared.runtime import retry_until, stop_on_signals
 from verlyard_shared.settings import Settings
 
 log = structlog.get_logger("verlyard.api")
+
+MAX_BODY_BYTES = 1024 * 1024
+"""Default request body limit (413 above it); routes that take uploads set their own."""
 
 
 @dataclass
@@ -29,9 +43,18 @@ class ApiDeps:
     pool: asyncpg.Pool | None = None
     nc: NATS | None = None
     relay_lag: dict[str, Any] = field(default_factory=dict)
+    ctx: ApiContext | None = None
+    """Store, projector and tokens on `pool` (routes answer 503 until it is set)."""
+
+    def context(self) -> ApiContext:
+        if self.ctx is None:
+            if self.pool is None:
+                raise Unavailable("the API is starting: the database is not connected yet")
+            self.ctx = ApiContext.create(self.pool)
+        return self.ctx
 
 
-@get("/healthz", sync_to_thread=False)
+@get("/healthz", sync_to_thread=False, opt={"public": True})
 def healthz() -> dict[str, str]:
     """Liveness: the process serves HTTP (no token needed)."""
     return {"status": "ok"}
@@ -60,10 +83,30 @@ def create_app(deps: ApiDeps) -> Litestar:
             )
         return Response({"status": "ready"})
 
-    return Litestar(route_handlers=[healthz, readyz], debug=False)
+    async def authenticate(token: str) -> Principal | None:
+        return await deps.context().tokens.authenticate(token)
+
+    return Litestar(
+        route_handlers=[healthz, readyz, *ROUTES],
+        dependencies={"ctx": Provide(deps.context, sync_to_thread=False)},
+        # Request ids first (outermost), so authentication failures carry one too.
+        middleware=[RequestIdMiddleware, DefineMiddleware(AuthMiddleware, authenticate=authenticate)],
+        exception_handlers={Exception: handle_exception},
+        before_send=[before_send],
+        # Everything but /healthz needs a token, /schema included (docs/adr/0006-api-auth.md).
+        openapi_config=OpenAPIConfig(
+            title="verlyard",
+            version="1",
+            path="/schema",
+            render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin(path="/docs")],
+        ),
+        request_max_body_size=MAX_BODY_BYTES,
+        debug=False,
+    )
 
 
 async def serve(settings: Settings) -> None:
+    from verlyard_api.adapters.pg_tokens import bootstrap_admin_token
     from verlyard_api.relay import OutboxRelay
     from verlyard_shared.nats_topology import connect_nats, ensure_topology
     from verlyard_shared.store.migrate import migrate
@@ -86,6 +129,12 @@ async def serve(settings: Settings) -> None:
         if deps.pool is None:
             return
         await migrate(deps.pool)
+        ctx = deps.context()
+        if os.environ.get("VERLYARD_HOME"):
+            # The embedded stack: the first start creates an admin token for the local user.
+            await bootstrap_admin_token(deps.pool, Path(settings.home) / "admin-token")
+        tasks.append(asyncio.create_task(ctx.listener.run(stop), name="listener"))
+        tasks.append(asyncio.create_task(ctx.projector.run(stop), name="projector"))
         deps.nc = await retry_until(
             "nats",
             lambda: connect_nats(

@@ -1,0 +1,140 @@
+"""Integration: the projector (background task, tracking in the same transaction, concurrent projectors)
+and `replay --verify` / rebuild, which detect and repair a corrupted read model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from tests.integration.api_app import ApiEnv, api_env, served
+from tests.integration.test_api_pipelines import run_to_end
+from verlyard_api.adapters.pg_projector import CONSUMER, PgProjector
+from verlyard_shared import cli
+from verlyard_shared.envelope import Metadata, NewEvent
+from verlyard_shared.events import StagePlaced
+from verlyard_shared.ids import new_id, pipeline_stream
+from verlyard_shared.store.port import ANY
+
+
+@pytest.fixture
+async def api(pg_pool: asyncpg.Pool) -> AsyncIterator[ApiEnv]:
+    async with api_env(pg_pool) as env:
+        yield env
+
+
+async def verify(api: ApiEnv) -> dict[str, object]:
+    response = await api.client.post("/api/v1/admin/replay?verify=true", headers=api.auth("admin"))
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+async def test_verify_is_clean_then_reports_a_corrupted_row_then_rebuild_repairs_it(
+    api: ApiEnv, pg_pool: asyncpg.Pool
+) -> None:
+    done = (await api.submit())["id"]
+    await run_to_end(api, done, fail="train")
+    pending = (await api.submit())["id"]
+    clean = await verify(api)
+    assert clean["ok"] is True and clean["differences"] == [] and clean["mode"] == "verify"
+    assert clean["pipelines"] == 2 and clean["tokens"] == 3
+
+    await pg_pool.execute("UPDATE stages SET status = 'succeeded' WHERE pipeline_id = $1 AND name = 'train'", done)
+    await pg_pool.execute("UPDATE attempts SET agent = 'elsewhere' WHERE pipeline_id = $1 AND stage = 'prep'", done)
+    await pg_pool.execute("DELETE FROM pipelines WHERE id = $1", pending)
+    await pg_pool.execute("UPDATE tokens SET role = 'admin' WHERE name = 'viewer'")
+    report = await verify(api)
+    assert report["ok"] is False
+    found = {(d["kind"], d["id"], d["field"]): (d["expected"], d["found"]) for d in report["differences"]}  # type: ignore[union-attr, index]
+    assert found[("pipeline", done, "stages.train.status")] == ("failed", "succeeded")
+    assert found[("pipeline", done, "stages.prep.attempts[0].agent")] == ("gpu-1", "elsewhere")
+    assert found[("token", api.ids["viewer"], "role")] == ("viewer", "admin")
+    # The pipeline row is gone but its stage rows remain: the whole view is reported missing.
+    assert any(k[1] == pending for k in found)
+
+    rebuilt = await api.client.post("/api/v1/admin/replay", headers=api.auth("admin"))
+    assert rebuilt.status_code == 200 and rebuilt.json()["mode"] == "rebuild"
+    assert (await verify(api))["ok"] is True
+    body = (await api.client.get(f"/api/v1/pipelines/{pending}", headers=api.auth())).json()
+    assert body["status"] == "pending"
+    # Tokens still authenticate after a rebuild (their secrets' hashes are not a projection).
+    assert (await api.client.get("/api/v1/pipelines", headers=api.auth("viewer"))).status_code == 200
+
+
+async def test_cli_replay_verify(
+    api: ApiEnv, pg_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pid = (await api.submit())["id"]
+    async with served(api.app) as url:
+        monkeypatch.setenv("VERLYARD_API_URL", url)
+        monkeypatch.setenv("VERLYARD_TOKEN", api.tokens["admin"])
+        assert await asyncio.to_thread(cli.main, ["replay", "--verify"]) == 0
+        assert "ok: the read models match the event log" in capsys.readouterr().out
+        await pg_pool.execute("UPDATE pipelines SET name = 'renamed' WHERE id = $1", pid)
+        assert await asyncio.to_thread(cli.main, ["replay", "--verify"]) == 1
+        out = capsys.readouterr().out
+        assert f'pipeline {pid} name: expected "sales-sft", found "renamed"' in out
+        assert await asyncio.to_thread(cli.main, ["replay"]) == 0
+        assert await asyncio.to_thread(cli.main, ["replay", "--verify", "--json"]) == 0
+        assert '"ok": true' in capsys.readouterr().out
+
+
+async def test_background_projector_follows_appends_and_tracks_in_the_same_transaction(
+    api: ApiEnv, pg_pool: asyncpg.Pool
+) -> None:
+    pid = (await api.submit())["id"]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(api.ctx.listener.run(stop)), asyncio.create_task(api.ctx.projector.run(stop))]
+    try:
+        # The scheduler appends without catching the projector up: the background task must.
+        result = await api.ctx.store.append(
+            pipeline_stream(pid),
+            ANY,
+            [
+                NewEvent(
+                    event_id=new_id(),
+                    event=StagePlaced(pipeline_id=pid, stage="prep", attempt="a", attempt_number=1, agent="g"),
+                )
+            ],
+            Metadata(actor="scheduler", correlation_id="c"),
+        )
+        deadline = time.monotonic() + 5
+        status = None
+        while time.monotonic() < deadline:
+            status = await pg_pool.fetchval("SELECT status FROM pipelines WHERE id = $1", pid)
+            if status == "running":
+                break
+            await asyncio.sleep(0.02)
+        assert status == "running"
+        tracked = await pg_pool.fetchval("SELECT position FROM tracking WHERE consumer = $1", CONSUMER)
+        assert tracked == result.last_position
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def test_concurrent_projectors_apply_each_event_once(api: ApiEnv, pg_pool: asyncpg.Pool) -> None:
+    ids = [(await api.submit())["id"] for _ in range(3)]
+    for pid in ids:
+        await api.ctx.store.append(
+            pipeline_stream(pid),
+            ANY,
+            [
+                NewEvent(
+                    event_id=new_id(),
+                    event=StagePlaced(pipeline_id=pid, stage=s, attempt=f"{pid}-{s}", attempt_number=1, agent="g"),
+                )
+                for s in ("prep",)
+            ],
+            Metadata(actor="scheduler", correlation_id="c"),
+        )
+    projectors = [PgProjector(pg_pool, batch=1) for _ in range(4)]  # as if four API processes
+    await asyncio.gather(*(p.catch_up() for p in projectors))
+    head = await pg_pool.fetchval("SELECT max(position) FROM events")
+    assert await pg_pool.fetchval("SELECT position FROM tracking WHERE consumer = $1", CONSUMER) == head
+    assert (await verify(api))["ok"] is True
+    assert await pg_pool.fetchval("SELECT count(*) FROM attempts") == 3
