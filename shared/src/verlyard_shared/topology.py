@@ -50,6 +50,10 @@ STREAMS: tuple[StreamDef, ...] = (
     StreamDef(name=s.STREAM_LOGS, subjects=(s.LOGS_ALL,), retention="limits", max_age_s=30 * DAY),
 )
 
+# NATS (2.15) takes backoff[0] as the first ack deadline when a backoff is set (ack_wait reads back as
+# backoff[0]), and applies the backoff to ack timeouts only: a nak without a delay is redelivered at
+# once. So a handler that may run longer than backoff[0] sends in_progress(), and a failing handler
+# naks with the delay it wants. NATS also requires max_deliver > len(backoff).
 _BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 CONSUMERS: tuple[ConsumerDef, ...] = (
