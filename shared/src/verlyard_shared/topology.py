@@ -54,14 +54,16 @@ STREAMS: tuple[StreamDef, ...] = (
 # backoff[0]), and applies the backoff to ack timeouts only: a nak without a delay is redelivered at
 # once. So a handler that may run longer than backoff[0] sends in_progress(), and a failing handler
 # naks with the delay it wants. NATS also requires max_deliver > len(backoff).
-_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+# ack_wait therefore equals backoff[0]: 10 s is long enough for a handler under load (an append, a
+# process start) and short enough that a crashed consumer's messages come back quickly.
+_BACKOFF = (10.0, 20.0, 30.0, 60.0, 120.0)
 
 CONSUMERS: tuple[ConsumerDef, ...] = (
     ConsumerDef(
         durable=s.CONSUMER_SCHEDULER_REPORTS,
         stream=s.STREAM_REPORTS,
         filter_subject=s.REPORTS_ALL,
-        ack_wait_s=30.0,
+        ack_wait_s=10.0,
         max_deliver=10,
         backoff_s=_BACKOFF,
         max_ack_pending=10_000,
@@ -70,7 +72,7 @@ CONSUMERS: tuple[ConsumerDef, ...] = (
         durable=s.CONSUMER_SCHEDULER_EVENTS,
         stream=s.STREAM_EVENTS,
         filter_subject=s.EVENTS_ALL,
-        ack_wait_s=30.0,
+        ack_wait_s=10.0,
         max_deliver=10,
         backoff_s=_BACKOFF,
         max_ack_pending=10_000,
@@ -80,7 +82,7 @@ CONSUMERS: tuple[ConsumerDef, ...] = (
         durable=s.CONSUMER_API_METRICS,
         stream=s.STREAM_METRICS,
         filter_subject=s.METRICS_ALL,
-        ack_wait_s=30.0,
+        ack_wait_s=10.0,
         max_deliver=10,
         backoff_s=_BACKOFF,
         max_ack_pending=10_000,
@@ -89,7 +91,7 @@ CONSUMERS: tuple[ConsumerDef, ...] = (
         durable=s.CONSUMER_API_LOGS,
         stream=s.STREAM_LOGS,
         filter_subject=s.LOGS_ALL,
-        ack_wait_s=30.0,
+        ack_wait_s=10.0,
         max_deliver=10,
         backoff_s=_BACKOFF,
         max_ack_pending=10_000,
@@ -107,8 +109,8 @@ def agent_command_consumer(agent: str) -> ConsumerDef:
         durable=s.agent_command_consumer(agent),
         stream=s.STREAM_COMMANDS,
         filter_subject=s.commands_of_agent(agent),
-        ack_wait_s=30.0,
+        ack_wait_s=10.0,
         max_deliver=5,
-        backoff_s=(1.0, 2.0, 5.0, 10.0),
+        backoff_s=(10.0, 20.0, 30.0, 60.0),
         max_ack_pending=100,
     )
