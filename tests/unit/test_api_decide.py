@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_api_projector import PID, SPEC, Log, placed, run_ok, submitted
+from tests.unit.api_log import PID, SPEC, Log, placed, run_ok, submitted
 from verlyard_api.auth import (
     Principal,
     bearer_token,
@@ -136,9 +136,9 @@ def test_retry_runs_failed_and_skipped_stages_again() -> None:
     assert new.event == PipelineRetryRequested(pipeline_id=PID, stages=("train", "eval"))
 
 
-def test_retry_of_named_stage_brings_its_skipped_dependants() -> None:
+def test_retry_of_a_named_stage_names_only_it() -> None:
     (new,) = decide_retry(failed_log().view(), pipeline_id=PID, event_id="e", stages=["train"])
-    assert isinstance(new.event, PipelineRetryRequested) and new.event.stages == ("train", "eval")
+    assert isinstance(new.event, PipelineRetryRequested) and new.event.stages == ("train",)
 
 
 def test_retry_of_a_running_pipeline_is_a_conflict() -> None:

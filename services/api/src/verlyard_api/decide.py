@@ -15,7 +15,8 @@ from typing import Final
 import msgspec
 
 from verlyard_api.errors import BadRequest, Conflict, NotFound
-from verlyard_api.projector import RETRYABLE_STAGE_STATUSES, PipelineView, retry_targets
+from verlyard_api.projector import retry_targets
+from verlyard_api.views import RETRYABLE_STAGE_STATUSES, PipelineView
 from verlyard_shared.envelope import NewEvent
 from verlyard_shared.events import PipelineCancelRequested, PipelineRetryRequested, PipelineSubmitted
 from verlyard_shared.spec import PipelineSpec
@@ -140,13 +141,14 @@ def decide_retry(
                 stage=name,
                 status=stage.status,
             )
-    targets = retry_targets(view, stages)
-    if not targets:
+    listed = tuple(stages) or tuple(n for n, s in view.stages.items() if s.status in RETRYABLE_STAGE_STATUSES)
+    if not listed or not retry_targets(view, listed):
         raise Conflict(
             f"pipeline {pipeline_id} has no failed, cancelled or skipped stage; there is nothing to retry",
             code="nothing_to_retry",
             pipeline_id=pipeline_id,
             status=view.status,
         )
-    event = PipelineRetryRequested(pipeline_id=pipeline_id, stages=tuple(targets))
+    # The event names the stages asked for; the fold (and the projector) add what runs again with them.
+    event = PipelineRetryRequested(pipeline_id=pipeline_id, stages=tuple(dict.fromkeys(listed)))
     return [NewEvent(event_id=event_id, event=event)]

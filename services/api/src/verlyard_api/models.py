@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from verlyard_api.projector import AttemptView, PipelineView, StageView, TokenView
+from verlyard_api.views import AttemptView, PipelineView, StageView, TokenView
 
 
 class AttemptOut(msgspec.Struct, kw_only=True):

@@ -12,11 +12,23 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, assert_never, cast
+from typing import Any, assert_never
 
 import msgspec
 from msgspec.structs import replace
 
+from verlyard_api.views import (
+    ATTEMPT_ACTIVE,
+    PIPELINE_PREFIX,
+    RETRYABLE_STAGE_STATUSES,
+    AttemptStatus,
+    AttemptView,
+    PipelineStatus,
+    PipelineView,
+    StageStatus,
+    StageView,
+    TokenView,
+)
 from verlyard_shared.envelope import Envelope
 from verlyard_shared.events import (
     AgentDeregistered,
@@ -51,113 +63,6 @@ from verlyard_shared.events import (
 )
 from verlyard_shared.spec import PipelineSpec
 
-PipelineStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
-StageStatus = Literal["pending", "running", "succeeded", "failed", "skipped", "cancelled"]
-AttemptStatus = Literal["placed", "accepted", "running", "succeeded", "failed", "lost", "cancelled"]
-
-PIPELINE_STATUSES: Final[tuple[str, ...]] = ("pending", "running", "succeeded", "failed", "cancelled")
-PIPELINE_TERMINAL: Final = frozenset({"succeeded", "failed", "cancelled"})
-ATTEMPT_ACTIVE: Final = frozenset({"placed", "accepted", "running"})
-RETRYABLE_STAGE_STATUSES: Final = frozenset({"failed", "cancelled", "skipped"})
-
-PIPELINE_PREFIX: Final = "pipeline-"
-TOKEN_PREFIX: Final = "token-"
-
-
-class AttemptView(msgspec.Struct, frozen=True, kw_only=True):
-    """One try of a stage, as the API shows it."""
-
-    id: str
-    number: int
-    agent: str
-    status: AttemptStatus = "placed"
-    gpus: tuple[int, ...] = ()
-    placed_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    exit_code: int | None = None
-    failure_class: str | None = None
-    reason: str = ""
-    resumed_from_step: int | None = None
-    resume_from_path: str | None = None
-    step: int | None = None
-    """The latest training step reported (sparse progress marks)."""
-    total_steps: int | None = None
-
-
-class StageView(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    kind: str
-    needs: tuple[str, ...] = ()
-    when: str = "on_success"
-    priority: int = 0
-    status: StageStatus = "pending"
-    pending_reason: str | None = None
-    """Why the stage is not placed yet (the scheduler's `stage.pending`, or a retry's backoff)."""
-    reason: str = ""
-    """Why the stage failed, was skipped or was cancelled."""
-    outputs: dict[str, Any] = {}
-    not_before: datetime | None = None
-    checkpoint_step: int | None = None
-    checkpoint_path: str | None = None
-    finished_at: datetime | None = None
-    attempts: tuple[AttemptView, ...] = ()
-
-    @property
-    def current(self) -> AttemptView | None:
-        return self.attempts[-1] if self.attempts else None
-
-    def attempt(self, attempt_id: str) -> AttemptView | None:
-        for attempt in self.attempts:
-            if attempt.id == attempt_id:
-                return attempt
-        return None
-
-
-class PipelineView(msgspec.Struct, frozen=True, kw_only=True):
-    """A pipeline's read model: what `GET /api/v1/pipelines/{id}` shows (rows of three tables)."""
-
-    id: str
-    name: str
-    spec: PipelineSpec
-    labels: dict[str, str] = {}
-    priority: int = 0
-    status: PipelineStatus = "pending"
-    submitted_by: str
-    """The actor of `pipeline.submitted` (`token:<id>:<name>`): members manage only their own pipelines."""
-    correlation_id: str
-    idempotency_key: str | None = None
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None = None
-    cancel_requested: bool = False
-    reason: str = ""
-    failed_stages: tuple[str, ...] = ()
-    retries: int = 0
-    version: int
-    """The stream version applied last: envelopes at or below it are duplicates."""
-    submitted_position: int
-    """Global position of `pipeline.submitted`: the list order and the cursor key."""
-    position: int
-    """Global position of the last applied event."""
-    stages: dict[str, StageView]
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in PIPELINE_TERMINAL
-
-
-class TokenView(msgspec.Struct, frozen=True, kw_only=True):
-    """A token's public record (its secret's hash is not a projection: see adapters/pg_tokens.py)."""
-
-    id: str
-    name: str
-    role: str
-    created_at: datetime
-    created_by: str
-    position: int
-
-
 # ---- row changes ------------------------------------------------------------------------------------
 
 
@@ -170,7 +75,7 @@ class PipelineRow(msgspec.Struct, frozen=True, kw_only=True):
 class StageRow(msgspec.Struct, frozen=True, kw_only=True):
     pipeline_id: str
     ordinal: int
-    """The stage's place in the spec (the GET shape lists stages in spec order)."""
+    """The stage's place in the pipeline (dependency order: `stage_order`)."""
     stage: StageView
 
 
@@ -392,20 +297,23 @@ def _finish(
 
 
 def retry_targets(view: PipelineView, requested: Iterable[str] = ()) -> list[str]:
-    """The stages a retry of `view` runs again, in spec order: the requested (default: every failed,
-    cancelled or skipped) stage, plus the stages skipped or cancelled because of them."""
-    wanted = set(requested) or {n for n, s in view.stages.items() if s.status in RETRYABLE_STAGE_STATUSES}
+    """The stages a retry of `view` runs again, in pipeline order: the requested ones (default: every
+    failed, cancelled or skipped stage) that did not succeed, and everything downstream of them (the
+    stages skipped or cancelled because of them, and the `always`/`on_failure` ones such as a cleanup,
+    which runs again after the new run). Succeeded stages elsewhere are kept."""
+    listed = set(requested) or {n for n, s in view.stages.items() if s.status in RETRYABLE_STAGE_STATUSES}
+    wanted = {n for n in listed if n in view.stages and view.stages[n].status in RETRYABLE_STAGE_STATUSES}
     users: dict[str, list[str]] = {name: [] for name in view.stages}
     for name, stage in view.stages.items():
         for dep in stage.needs:
             users.setdefault(dep, []).append(name)
-    frontier = [n for n in wanted if n in view.stages]
+    frontier = list(wanted)
     while frontier:
         for user in users.get(frontier.pop(), []):
-            if user not in wanted and view.stages[user].status in ("skipped", "cancelled"):
+            if user not in wanted:
                 wanted.add(user)
                 frontier.append(user)
-    return [n for n, s in view.stages.items() if n in wanted and s.status in RETRYABLE_STAGE_STATUSES]
+    return [n for n in view.stages if n in wanted]
 
 
 def _retry(view: PipelineView, event: PipelineRetryRequested) -> PipelineView:
@@ -413,6 +321,8 @@ def _retry(view: PipelineView, event: PipelineRetryRequested) -> PipelineView:
         return view  # only an ended, unsuccessful pipeline is retried; a duplicate request is a no-op
     stages = dict(view.stages)
     for name in retry_targets(view, event.stages):
+        if stages[name].status == "pending":
+            continue
         stages[name] = replace(
             stages[name], status="pending", reason="", pending_reason=None, not_before=None, finished_at=None
         )
@@ -613,71 +523,3 @@ def diff(before: PipelineView | None, after: PipelineView) -> list[RowChange]:
 
 def _pipeline_fields(view: PipelineView) -> PipelineView:
     return replace(view, stages={})
-
-
-# ---- verification -------------------------------------------------------------------------------------
-
-
-class Difference(msgspec.Struct, frozen=True, kw_only=True):
-    """One way the stored read model differs from a replay of the log."""
-
-    kind: Literal["pipeline", "token"]
-    id: str
-    field: str
-    """Dotted path of the field (`stages.train.attempts[0].status`); "" when the whole row is missing/extra."""
-    expected: Any
-    """The value the replay computes (null when the row should not exist)."""
-    found: Any
-    """The value stored (null when the row is missing)."""
-
-
-def compare(expected: Projection, found: Projection) -> list[Difference]:
-    """Every difference between a replayed projection and the stored one, pipelines then tokens."""
-    out: list[Difference] = []
-    for pid in sorted(expected.pipelines.keys() | found.pipelines.keys()):
-        want, got = expected.pipelines.get(pid), found.pipelines.get(pid)
-        if want is None or got is None:
-            out.append(Difference(kind="pipeline", id=pid, field="", expected=_plain(want), found=_plain(got)))
-            continue
-        _compare_values("pipeline", pid, "", _plain(want), _plain(got), out)
-    for tid in sorted(expected.tokens.keys() | found.tokens.keys()):
-        want_t, got_t = expected.tokens.get(tid), found.tokens.get(tid)
-        if want_t is None or got_t is None:
-            out.append(Difference(kind="token", id=tid, field="", expected=_plain(want_t), found=_plain(got_t)))
-            continue
-        _compare_values("token", tid, "", _plain(want_t), _plain(got_t), out)
-    return out
-
-
-def _plain(value: msgspec.Struct | None) -> Any:
-    """JSON data (lists, ISO times) as the report shows it."""
-    return None if value is None else msgspec.json.decode(msgspec.json.encode(value))
-
-
-def _compare_values(
-    kind: Literal["pipeline", "token"], ident: str, path: str, want: Any, got: Any, out: list[Difference]
-) -> None:
-    if want == got:
-        return
-    # Recurse into the pipeline, its stages and each stage (`stages.<name>.<field>`), not deeper.
-    if isinstance(want, dict) and isinstance(got, dict) and path.count(".") < 2:
-        a = cast(dict[str, Any], want)
-        b = cast(dict[str, Any], got)
-        for key in [*a, *(k for k in b if k not in a)]:
-            _compare_values(kind, ident, f"{path}.{key}" if path else key, a.get(key), b.get(key), out)
-        return
-    if isinstance(want, list) and isinstance(got, list) and path.endswith("attempts"):
-        wants = cast(list[Any], want)
-        gots = cast(list[Any], got)
-        for index in range(max(len(wants), len(gots))):
-            a_item: Any = wants[index] if index < len(wants) else None
-            b_item: Any = gots[index] if index < len(gots) else None
-            if isinstance(a_item, dict) and isinstance(b_item, dict):
-                a = cast(dict[str, Any], a_item)
-                b = cast(dict[str, Any], b_item)
-                for key in [*a, *(k for k in b if k not in a)]:
-                    _compare_values(kind, ident, f"{path}[{index}].{key}", a.get(key), b.get(key), out)
-            elif a_item != b_item:
-                out.append(Difference(kind=kind, id=ident, field=f"{path}[{index}]", expected=a_item, found=b_item))
-        return
-    out.append(Difference(kind=kind, id=ident, field=path, expected=want, found=got))

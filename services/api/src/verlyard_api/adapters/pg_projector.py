@@ -31,16 +31,8 @@ from verlyard_api.adapters.pg_rows import (
     token_from_row,
     write_changes,
 )
-from verlyard_api.projector import (
-    Difference,
-    Projection,
-    RowChange,
-    TokenRow,
-    compare,
-    diff,
-    pipeline_id_of,
-    project_batch,
-)
+from verlyard_api.projector import Projection, RowChange, TokenRow, diff, pipeline_id_of, project_batch
+from verlyard_api.verify import Difference, compare
 from verlyard_shared.store.port import StoreUnavailable
 
 log = structlog.get_logger("verlyard.api.projector")

@@ -9,17 +9,8 @@ import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
-from verlyard_api.projector import (
-    AttemptRow,
-    AttemptView,
-    PipelineRow,
-    PipelineView,
-    RowChange,
-    StageRow,
-    StageView,
-    TokenRow,
-    TokenView,
-)
+from verlyard_api.projector import AttemptRow, PipelineRow, RowChange, StageRow, TokenRow
+from verlyard_api.views import AttemptView, PipelineView, StageView, TokenView
 from verlyard_shared.codec import decode_event
 from verlyard_shared.envelope import Envelope
 from verlyard_shared.spec import PipelineSpec

@@ -18,7 +18,7 @@ from verlyard_api.adapters.pg import guarded
 from verlyard_api.adapters.pg_projector import PgProjector
 from verlyard_api.adapters.pg_rows import token_from_row
 from verlyard_api.auth import SECRET_BYTES, Principal, Role, hash_token, mint_token, same_hash
-from verlyard_api.projector import TOKEN_PREFIX, TokenView
+from verlyard_api.views import TOKEN_PREFIX, TokenView
 from verlyard_shared.envelope import Metadata, NewEvent
 from verlyard_shared.events import TokenCreated
 from verlyard_shared.ids import new_id

@@ -43,7 +43,8 @@ from verlyard_api.models import (
     RetryBody,
     pipeline_out,
 )
-from verlyard_api.projector import PIPELINE_STATUSES, PipelineView, evolve
+from verlyard_api.projector import evolve
+from verlyard_api.views import PIPELINE_STATUSES, PipelineView
 from verlyard_shared.codec import to_public
 from verlyard_shared.envelope import Envelope, Metadata, NewEvent
 from verlyard_shared.events import PipelineSubmitted
