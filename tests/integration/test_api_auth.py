@@ -55,6 +55,14 @@ async def test_schema_is_openapi_3_1_for_any_token(api: ApiEnv) -> None:
     assert response.status_code == 200
     schema = response.json()
     assert schema["openapi"].startswith("3.1") and "/api/v1/pipelines/{pipeline_id}" in schema["paths"]
+    assert (
+        schema["security"] == [{"bearer": []}]
+        and schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    )
+    assert schema["paths"]["/healthz"]["get"]["security"] == [{}]  # the one public route
+    submit = schema["paths"]["/api/v1/pipelines"]["post"]
+    assert {"application/json", "application/yaml"} <= set(submit["requestBody"]["content"])
+    assert {"201", "200", "401", "403", "409", "413", "422", "503"} <= set(submit["responses"])
     docs = await api.client.get("/schema/docs", headers=api.auth("viewer"))
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 

@@ -15,8 +15,6 @@ import uvicorn
 from litestar import Litestar, get
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
 from litestar.response import Response
 from litestar.status_codes import HTTP_503_SERVICE_UNAVAILABLE
 from nats.aio.client import Client as NATS
@@ -25,6 +23,7 @@ from verlyard_api.auth import Principal
 from verlyard_api.context import ApiContext
 from verlyard_api.errors import Unavailable
 from verlyard_api.http import AuthMiddleware, RequestIdMiddleware, before_send, handle_exception
+from verlyard_api.openapi import error_responses, openapi_config
 from verlyard_api.routes import ROUTES
 from verlyard_shared.logging import configure_logging
 from verlyard_shared.runtime import retry_until, stop_on_signals
@@ -54,14 +53,14 @@ class ApiDeps:
         return self.ctx
 
 
-@get("/healthz", sync_to_thread=False, opt={"public": True})
+@get("/healthz", sync_to_thread=False, opt={"public": True}, security=[{}])
 def healthz() -> dict[str, str]:
     """Liveness: the process serves HTTP (no token needed)."""
     return {"status": "ok"}
 
 
 def create_app(deps: ApiDeps) -> Litestar:
-    @get("/readyz")
+    @get("/readyz", responses=error_responses())
     async def readyz() -> Response[dict[str, Any]]:
         """Readiness: Postgres answers and NATS is connected."""
         problems: list[str] = []
@@ -94,12 +93,7 @@ def create_app(deps: ApiDeps) -> Litestar:
         exception_handlers={Exception: handle_exception},
         before_send=[before_send],
         # Everything but /healthz needs a token, /schema included (docs/adr/0006-api-auth.md).
-        openapi_config=OpenAPIConfig(
-            title="verlyard",
-            version="1",
-            path="/schema",
-            render_plugins=[JsonRenderPlugin(), SwaggerRenderPlugin(path="/docs")],
-        ),
+        openapi_config=openapi_config(),
         request_max_body_size=MAX_BODY_BYTES,
         debug=False,
     )

@@ -10,12 +10,19 @@ from litestar.params import QueryParameter
 
 from verlyard_api.http import Ctx, admin
 from verlyard_api.models import DifferenceOut, ReplayOut
+from verlyard_api.openapi import error_responses
 
 MAX_DIFFERENCES: Final = 1000
 """A report lists at most this many differences (`truncated` says when there were more)."""
 
 
-@post("/api/v1/admin/replay", guards=[admin], status_code=200, summary="Verify or rebuild the read models")
+@post(
+    "/api/v1/admin/replay",
+    guards=[admin],
+    status_code=200,
+    summary="Verify or rebuild the read models",
+    responses=error_responses(400, 403),
+)
 async def replay(
     ctx: Ctx,
     verify: Annotated[

@@ -21,6 +21,7 @@ from verlyard_api.context import ApiContext
 from verlyard_api.errors import BadRequest
 from verlyard_api.http import Ctx, EventStream, viewer
 from verlyard_api.models import EventOut, EventPage
+from verlyard_api.openapi import error_responses
 from verlyard_shared.codec import to_public
 from verlyard_shared.events import event_type
 from verlyard_shared.store.port import StoreUnavailable
@@ -59,6 +60,7 @@ def _last_event_id(value: str | None) -> int | None:
     "/api/v1/events",
     guards=[viewer],
     summary="The global event log from a position (JSON page, or a live SSE stream with follow=true)",
+    responses=error_responses(400),
 )
 async def list_events(
     request: Request[Any, Any, Any],

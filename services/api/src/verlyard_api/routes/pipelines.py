@@ -15,6 +15,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from verlyard_api.adapters.pg import guarded
@@ -43,6 +44,7 @@ from verlyard_api.models import (
     RetryBody,
     pipeline_out,
 )
+from verlyard_api.openapi import SubmitOperation, error_responses
 from verlyard_api.projector import evolve
 from verlyard_api.views import PIPELINE_STATUSES, PipelineView
 from verlyard_shared.codec import to_public
@@ -88,6 +90,9 @@ def spec_format(content_type: str | None) -> Literal["json", "yaml"]:
     status_code=201,
     request_max_body_size=MAX_SPEC_BYTES,
     summary="Submit a pipeline (JSON or YAML spec)",
+    operation_class=SubmitOperation,
+    responses={200: ResponseSpec(PipelineOut, description="The same Idempotency-Key and body were accepted before")}
+    | error_responses(400, 403, 409, 413, 415, 422),
 )
 async def submit_pipeline(
     request: Request[Any, Any, Any], ctx: Ctx, idempotency_key: IdempotencyKey = None
@@ -209,7 +214,7 @@ def parse_statuses(status: str | None) -> list[str] | None:
     return wanted or None
 
 
-@get("/api/v1/pipelines", guards=[viewer], summary="List pipelines, newest first")
+@get("/api/v1/pipelines", guards=[viewer], summary="List pipelines, newest first", responses=error_responses(400))
 async def list_pipelines(
     ctx: Ctx,
     status: Annotated[
@@ -242,7 +247,12 @@ async def list_pipelines(
     return PipelinePage(items=items, next=encode_cursor(rows[limit - 1]["submitted_position"]) if more else None)
 
 
-@get("/api/v1/pipelines/{pipeline_id:str}", guards=[viewer], summary="A pipeline's full state")
+@get(
+    "/api/v1/pipelines/{pipeline_id:str}",
+    guards=[viewer],
+    summary="A pipeline's full state",
+    responses=error_responses(404),
+)
 async def get_pipeline(ctx: Ctx, pipeline_id: FromPath[str]) -> PipelineOut:
     view = await _view(ctx, pipeline_id)
     if view is None:
@@ -253,6 +263,7 @@ async def get_pipeline(ctx: Ctx, pipeline_id: FromPath[str]) -> PipelineOut:
 @get(
     "/api/v1/pipelines/{pipeline_id:str}/events",
     guards=[viewer],
+    responses=error_responses(400, 404),
     summary="A pipeline's events in order (audit)",
 )
 async def pipeline_events(
@@ -315,6 +326,7 @@ async def _command(
 @post(
     "/api/v1/pipelines/{pipeline_id:str}/cancel",
     guards=[member],
+    responses=error_responses(400, 403, 404, 409, 413),
     status_code=202,
     summary="Request cancellation (the scheduler stops running attempts)",
 )
@@ -334,6 +346,7 @@ async def cancel_pipeline(
 @post(
     "/api/v1/pipelines/{pipeline_id:str}/retry",
     guards=[member],
+    responses=error_responses(400, 403, 404, 409, 413),
     status_code=202,
     summary="Run failed, cancelled and skipped stages again (succeeded stages are kept)",
 )

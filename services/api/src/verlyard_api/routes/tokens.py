@@ -9,10 +9,17 @@ from litestar.params import JSONBody, QueryParameter
 
 from verlyard_api.http import Ctx, admin, current_request_id, principal_of
 from verlyard_api.models import TokenCreate, TokenCreated, TokenPage, token_out
+from verlyard_api.openapi import error_responses
 from verlyard_shared.envelope import Metadata
 
 
-@post("/api/v1/tokens", guards=[admin], status_code=201, summary="Create a token (its secret is shown once)")
+@post(
+    "/api/v1/tokens",
+    guards=[admin],
+    status_code=201,
+    summary="Create a token (its secret is shown once)",
+    responses=error_responses(400, 403, 413),
+)
 async def create_token(
     request: Request[Any, Any, Any], ctx: Ctx, data: JSONBody[TokenCreate]
 ) -> Response[TokenCreated]:
@@ -28,7 +35,7 @@ async def create_token(
     return Response(body, status_code=201, headers={"Cache-Control": "no-store"})
 
 
-@get("/api/v1/tokens", guards=[admin], summary="List tokens (never their secrets)")
+@get("/api/v1/tokens", guards=[admin], summary="List tokens (never their secrets)", responses=error_responses(400, 403))
 async def list_tokens(
     ctx: Ctx,
     after: Annotated[int, QueryParameter(ge=0, description="the `next` value of the previous page")] = 0,
