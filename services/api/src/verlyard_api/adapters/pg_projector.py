@@ -179,11 +179,14 @@ class PgProjector:
 
 
 async def _lock_tracking(conn: Conn) -> int:
-    await conn.execute(
-        "INSERT INTO tracking (consumer, position) VALUES ($1, 0) ON CONFLICT (consumer) DO NOTHING", CONSUMER
-    )
+    """Lock the projector's tracking row for this transaction (creating it at position 0 the first time)."""
     position = await conn.fetchval("SELECT position FROM tracking WHERE consumer = $1 FOR UPDATE", CONSUMER)
-    assert position is not None, "the row was inserted above"
+    if position is None:
+        await conn.execute(
+            "INSERT INTO tracking (consumer, position) VALUES ($1, 0) ON CONFLICT (consumer) DO NOTHING", CONSUMER
+        )
+        position = await conn.fetchval("SELECT position FROM tracking WHERE consumer = $1 FOR UPDATE", CONSUMER)
+    assert position is not None, "the row exists now"
     return int(position)
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
+from msgspec.structs import replace
 
-from verlyard_api.projector import AttemptRow, PipelineRow, RowChange, StageRow, TokenRow
+from verlyard_api.projector import AttemptRow, PipelineRow, RowChange, StageRow, TokenRow, utc
 from verlyard_api.views import AttemptView, PipelineView, StageView, TokenView
 from verlyard_shared.codec import decode_event
 from verlyard_shared.envelope import Envelope
@@ -171,21 +173,62 @@ async def write_changes(conn: Conn, changes: Iterable[RowChange]) -> None:
 # ---- reads -----------------------------------------------------------------------------------------------
 
 
+# One round trip per load: each pipeline row with its stages (in order) and, inside each stage, its
+# attempts (in order), as JSON that msgspec decodes straight into the views.
+_LOAD = """
+SELECT p.*,
+       coalesce((
+           SELECT jsonb_agg(
+                      to_jsonb(s) || jsonb_build_object('attempts', coalesce((
+                          SELECT jsonb_agg(to_jsonb(a) ORDER BY a.ordinal)
+                          FROM attempts a WHERE a.pipeline_id = s.pipeline_id AND a.stage = s.name
+                      ), '[]'::jsonb))
+                      ORDER BY s.ordinal)
+           FROM stages s WHERE s.pipeline_id = p.id
+       ), '[]'::jsonb) AS stage_views
+FROM pipelines p
+WHERE p.id = ANY($1::text[])
+"""
+_stage_views = msgspec.json.Decoder(list[StageView])
+
+
 async def load_views(conn: Conn, ids: Sequence[str]) -> dict[str, PipelineView]:
-    """The stored views of `ids` (absent ids are left out), stages in spec order, attempts in order."""
+    """The stored views of `ids` (absent ids are left out), stages in pipeline order, attempts in order."""
     if not ids:
         return {}
-    id_list = list(ids)
-    pipelines = await conn.fetch("SELECT * FROM pipelines WHERE id = ANY($1::text[])", id_list)
-    if not pipelines:
-        return {}
-    stage_rows = await conn.fetch(
-        "SELECT * FROM stages WHERE pipeline_id = ANY($1::text[]) ORDER BY pipeline_id, ordinal", id_list
+    rows = await conn.fetch(_LOAD, list(ids))
+    views: dict[str, PipelineView] = {}
+    for row in rows:
+        stages = [_utc_stage(stage) for stage in _stage_views.decode(row["stage_views"])]
+        views[row["id"]] = _pipeline(row, {stage.name: stage for stage in stages})
+    return views
+
+
+def _utc_stage(stage: StageView) -> StageView:
+    """Times in JSON carry the session's UTC offset; the views (and asyncpg's records) hold UTC."""
+    if _is_utc(stage.not_before) and _is_utc(stage.finished_at) and all(map(_utc_attempt_ok, stage.attempts)):
+        return stage
+    return replace(
+        stage,
+        not_before=_utc(stage.not_before),
+        finished_at=_utc(stage.finished_at),
+        attempts=tuple(
+            replace(a, placed_at=_utc(a.placed_at), started_at=_utc(a.started_at), finished_at=_utc(a.finished_at))
+            for a in stage.attempts
+        ),
     )
-    attempt_rows = await conn.fetch(
-        "SELECT * FROM attempts WHERE pipeline_id = ANY($1::text[]) ORDER BY pipeline_id, stage, ordinal", id_list
-    )
-    return assemble(pipelines, stage_rows, attempt_rows)
+
+
+def _utc_attempt_ok(attempt: AttemptView) -> bool:
+    return _is_utc(attempt.placed_at) and _is_utc(attempt.started_at) and _is_utc(attempt.finished_at)
+
+
+def _is_utc(value: datetime | None) -> bool:
+    return value is None or value.tzinfo is UTC
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else utc(value)
 
 
 def assemble(
