@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--id", dest="agent_id", default=None, help="agent id (default: $VERLYARD_AGENT_ID or hostname)")
     agent.add_argument("--slots", type=int, default=None, help="CPU slots offered (default $VERLYARD_AGENT_SLOTS)")
     agent.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a placement label")
+    agent.add_argument(
+        "--data-dir", type=Path, default=None, help="work folders and journal (default $VERLYARD_HOME/agent/<id>)"
+    )
     sub.add_parser("migrate", help="apply database migrations to $VERLYARD_DATABASE_URL and exit")
     token = sub.add_parser("token", help="manage API tokens (admin)").add_subparsers(
         dest="token_command", required=True, metavar="ACTION"
@@ -95,7 +98,9 @@ def _run(args: argparse.Namespace) -> int:
         case "agent":
             from verlyard_agent.app import main as agent_main
 
-            return agent_main(settings, agent_id=args.agent_id, slots=args.slots, labels=args.label)
+            return agent_main(
+                settings, agent_id=args.agent_id, slots=args.slots, labels=args.label, data_dir=args.data_dir
+            )
         case "migrate":
             return _migrate(settings)
         case "token":

@@ -36,6 +36,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_creds: str | None = None
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
+    agent_cancel_grace_s: float = 10.0
+    """VERLYARD_AGENT_CANCEL_GRACE_S: SIGTERM to a stage's process group, then SIGKILL after this long."""
+    agent_drain_timeout_s: float = 1500.0
+    """VERLYARD_AGENT_DRAIN_TIMEOUT_S: after SIGTERM, how long running stages may finish before they are stopped."""
 
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -130,6 +134,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         nats_creds=env.get("VERLYARD_NATS_CREDS") or None,
         lease_s=_float(env, "VERLYARD_LEASE_S", 30.0, low=1.0, high=86_400.0),
         heartbeat_s=_float(env, "VERLYARD_HEARTBEAT_S", 5.0, low=0.05, high=3_600.0),
+        agent_cancel_grace_s=_float(env, "VERLYARD_AGENT_CANCEL_GRACE_S", 10.0, low=0.0, high=3_600.0),
+        agent_drain_timeout_s=_float(env, "VERLYARD_AGENT_DRAIN_TIMEOUT_S", 1500.0, low=0.0, high=7 * 86_400.0),
     )
 
 
@@ -154,4 +160,6 @@ ENV_NAMES: tuple[str, ...] = (
     "VERLYARD_NATS_CREDS",
     "VERLYARD_LEASE_S",
     "VERLYARD_HEARTBEAT_S",
+    "VERLYARD_AGENT_CANCEL_GRACE_S",
+    "VERLYARD_AGENT_DRAIN_TIMEOUT_S",
 )

@@ -1,26 +1,28 @@
-"""Entrypoint: the GPU agent (composition root). Speaks only NATS, never the database.
+"""Entrypoint: the GPU agent's composition root (`verlyard agent`). Speaks only NATS, never the database.
 
-Foundation scope: it registers (hello report) and heartbeats on its own report subjects. Running
-stages, NVML inventory, drain and the local journal arrive with the agent issue (#4).
+Settings come from `VERLYARD_*` (settings.py) and the flags `--id`, `--slots`, `--label`,
+`--data-dir`. SIGTERM/SIGINT drain (finish running attempts, take no new work, then exit); a second
+one stops the attempts. Exit codes: 0 after a clean stop, 2 for a configuration error, 3 when
+another agent already runs with the same data dir.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
+import signal
 import socket
+import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 
-from verlyard_agent import __version__
-from verlyard_shared import codec, subjects
-from verlyard_shared.ids import new_id
+from verlyard_agent.agent import Agent, AgentBusy, AgentConfig
+from verlyard_agent.layout import default_data_dir
+from verlyard_shared import subjects
 from verlyard_shared.logging import configure_logging
-from verlyard_shared.reports import AgentHeartbeat, AgentHello
-from verlyard_shared.runtime import retry_until, stop_on_signals
-from verlyard_shared.settings import Settings, parse_labels
+from verlyard_shared.settings import Settings, SettingsError, parse_labels
 
 log = structlog.get_logger("verlyard.agent")
 
@@ -31,66 +33,73 @@ def default_agent_id() -> str:
     return name[:64] or "agent"
 
 
-async def serve(settings: Settings, agent_id: str, slots: int, labels: dict[str, str]) -> None:
-    from verlyard_shared.nats_topology import connect_nats
-
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    if settings.nats_url is None:
-        raise SystemExit("verlyard agent: VERLYARD_NATS_URL must be set")
-    nats_url = settings.nats_url
-    nc = await retry_until(
-        "nats",
-        lambda: connect_nats(
-            nats_url,
-            name=f"verlyard-agent-{agent_id}",
-            user=settings.nats_user,
-            password=settings.nats_password,
-            creds=settings.nats_creds,
-        ),
-        stop,
-    )
-    if nc is None:
-        return
-    js = nc.jetstream()
-    bound = log.bind(agent=agent_id)
+def build_config(
+    settings: Settings,
+    *,
+    agent_id: str | None = None,
+    slots: int | None = None,
+    labels: Sequence[str] = (),
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> AgentConfig:
+    """The agent's configuration from settings and flags; SettingsError names what is wrong."""
+    chosen = agent_id or settings.agent_id or default_agent_id()
     try:
-        hello = AgentHello(
-            report_id=new_id(),
-            agent=agent_id,
-            sent_at=datetime.now(UTC),
-            hostname=socket.gethostname(),
-            cpu_slots=slots,
-            labels=labels,
-            version=__version__,
-        )
-        await js.publish(
-            subjects.report_subject(agent_id, "hello"), codec.encode(hello), headers={"Nats-Msg-Id": hello.report_id}
-        )
-        bound.info("agent_registered", slots=slots, labels=labels)
-        while not stop.is_set():
-            beat = AgentHeartbeat(report_id=new_id(), agent=agent_id, sent_at=datetime.now(UTC))
-            with contextlib.suppress(Exception):  # a missed heartbeat is retried next period
-                await js.publish(
-                    subjects.report_subject(agent_id, "heartbeat"),
-                    codec.encode(beat),
-                    headers={"Nats-Msg-Id": beat.report_id},
-                    timeout=settings.heartbeat_s,
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=settings.heartbeat_s)
+        subjects.token(chosen)
+    except ValueError:
+        raise SettingsError(f"agent id {chosen!r} may hold only letters, digits, '_' and '-'") from None
+    if settings.nats_url is None:
+        raise SettingsError("VERLYARD_NATS_URL is not set (agents speak only NATS)")
+    if slots is not None and slots < 0:
+        raise SettingsError(f"--slots must be >= 0, got {slots}")
+    merged = {**settings.agent_labels, **parse_labels(",".join(labels), name="--label")}
+    return AgentConfig(
+        agent_id=chosen,
+        data_dir=(data_dir.expanduser().resolve() if data_dir is not None else default_data_dir(settings.home, chosen)),
+        datasets_dir=settings.home / "datasets",
+        nats_url=settings.nats_url,
+        nats_user=settings.nats_user,
+        nats_password=settings.nats_password,
+        nats_creds=settings.nats_creds,
+        slots=slots if slots is not None else settings.agent_slots,
+        labels=merged,
+        heartbeat_s=settings.heartbeat_s,
+        cancel_grace_s=settings.agent_cancel_grace_s,
+        drain_timeout_s=settings.agent_drain_timeout_s,
+        trainer_python=settings.trainer_python,
+        host_env=dict(os.environ if env is None else env),
+    )
+
+
+async def serve(config: AgentConfig) -> None:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.request_stop)
+    try:
+        await agent.run()
     finally:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        bound.info("agent_stopped")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def main(
-    settings: Settings, *, agent_id: str | None = None, slots: int | None = None, labels: Sequence[str] = ()
+    settings: Settings,
+    *,
+    agent_id: str | None = None,
+    slots: int | None = None,
+    labels: Sequence[str] = (),
+    data_dir: Path | None = None,
 ) -> int:
     configure_logging("agent", fmt=settings.log_format, level=settings.log_level)
-    chosen = agent_id or settings.agent_id or default_agent_id()
-    subjects.token(chosen)
-    merged = {**settings.agent_labels, **parse_labels(",".join(labels), name="--label")}
-    asyncio.run(serve(settings, chosen, slots if slots is not None else settings.agent_slots, merged))
+    try:
+        config = build_config(settings, agent_id=agent_id, slots=slots, labels=labels, data_dir=data_dir)
+    except SettingsError as exc:
+        print(f"verlyard agent: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except AgentBusy as exc:
+        print(f"verlyard agent: error: {exc}", file=sys.stderr)
+        return 3
     return 0

@@ -1,0 +1,177 @@
+"""Adapter: the agent's local outbox. Every report (and telemetry batch) is appended here first and
+published from here, in order, so an agent cut off from NATS keeps working and replays on reconnect.
+
+Files: `<name>.jsonl` (append-only; one msgspec JSON entry per line: seq, subject, Nats-Msg-Id,
+payload) and `<name>.cursor` (the last published seq and the byte offset after it, replaced
+atomically). Publishing again after a crash between publish and cursor write is harmless: the
+Nats-Msg-Id dedupes it, and the scheduler ignores a report it already reflects. The file is
+truncated once everything in it is published and it has grown past `compact_bytes`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+
+class JournalEntry(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    subject: str
+    msg_id: str
+    data: msgspec.Raw
+
+
+class _Cursor(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int = 0
+    offset: int = 0
+
+
+_entry_decoder = msgspec.json.Decoder(JournalEntry)
+_cursor_decoder = msgspec.json.Decoder(_Cursor)
+_encoder = msgspec.json.Encoder()
+
+
+class Journal:
+    """An append-only file of entries plus a published-up-to cursor. Not thread-safe: one event loop."""
+
+    def __init__(self, path: Path, *, fsync: bool, compact_bytes: int = 8 * 1024 * 1024) -> None:
+        self.path = path
+        self.cursor_path = path.with_suffix(".cursor")
+        self.fsync = fsync
+        self.compact_bytes = compact_bytes
+        self.on_append: Callable[[], None] | None = None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cursor = self._load_cursor()
+        self._published_seq = cursor.seq
+        self._read_offset = cursor.offset
+        self._repair_tail()
+        size = path.stat().st_size
+        if self._read_offset > size:  # the file was replaced or truncated under us: re-read it all
+            self._read_offset = 0
+        self._next_seq = max(self._published_seq, self._scan_last_seq()) + 1
+        self._file = path.open("ab", buffering=0)
+        self._buffer: list[tuple[JournalEntry, int]] = []
+        """Entries read from the file but not yet published, with the offset after each."""
+        self._scanned_to = self._read_offset
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    def _load_cursor(self) -> _Cursor:
+        try:
+            return _cursor_decoder.decode(self.cursor_path.read_bytes())
+        except (FileNotFoundError, msgspec.DecodeError):
+            return _Cursor()
+
+    def _repair_tail(self) -> None:
+        """Cut a last line torn by a crash mid-append (it was never acknowledged to anyone)."""
+        if not self.path.exists():
+            self.path.touch()
+            return
+        size = self.path.stat().st_size
+        if size == 0:
+            return
+        with self.path.open("rb+") as f:
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            block = 64 * 1024
+            end = size
+            while end > 0:
+                start = max(0, end - block)
+                f.seek(start)
+                chunk = f.read(end - start)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    f.truncate(start + nl + 1)
+                    return
+                end = start
+            f.truncate(0)
+
+    def _scan_last_seq(self) -> int:
+        last = 0
+        with self.path.open("rb") as f:
+            for raw in f:
+                try:
+                    last = max(last, _entry_decoder.decode(raw).seq)
+                except msgspec.DecodeError:
+                    continue
+        return last
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def append(self, subject: str, msg_id: str, data: bytes) -> int:
+        """Append one entry (flushed; fsynced when the journal is durable) and return its seq."""
+        seq = self._next_seq
+        self._next_seq += 1
+        line = _encoder.encode(JournalEntry(seq=seq, subject=subject, msg_id=msg_id, data=msgspec.Raw(data)))
+        self._file.write(line + b"\n")
+        if self.fsync:
+            os.fsync(self._file.fileno())
+        if self.on_append is not None:
+            self.on_append()
+        return seq
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        """Entries appended but not yet published."""
+        return self._next_seq - 1 - self._published_seq
+
+    def peek(self, limit: int = 64) -> list[JournalEntry]:
+        """The next unpublished entries, in order (at most `limit`)."""
+        if len(self._buffer) < limit:
+            self._read_more(limit - len(self._buffer))
+        return [entry for entry, _ in self._buffer[:limit]]
+
+    def _read_more(self, wanted: int) -> None:
+        with self.path.open("rb") as f:
+            f.seek(self._scanned_to)
+            while wanted > 0:
+                raw = f.readline()
+                if not raw.endswith(b"\n"):
+                    break  # end of file (or a line being written right now)
+                self._scanned_to += len(raw)
+                try:
+                    entry = _entry_decoder.decode(raw)
+                except msgspec.DecodeError:
+                    continue  # a corrupt line is skipped, never retried forever
+                if entry.seq <= self._published_seq:
+                    continue
+                self._buffer.append((entry, self._scanned_to))
+                wanted -= 1
+
+    def mark_published(self, entry: JournalEntry) -> None:
+        """`entry` (the first of `peek`) reached NATS: advance the cursor past it."""
+        if not self._buffer or self._buffer[0][0].seq != entry.seq:
+            raise ValueError(f"entry {entry.seq} is not the next unpublished entry")
+        _, offset = self._buffer.pop(0)
+        self._published_seq = entry.seq
+        self._read_offset = offset
+        if not self._buffer:
+            self.save_cursor()
+            self._maybe_compact()
+
+    def skip(self, entry: JournalEntry) -> None:
+        """Give up on `entry` (NATS refuses it for good, e.g. too large): same as published."""
+        self.mark_published(entry)
+
+    def save_cursor(self) -> None:
+        tmp = self.cursor_path.with_suffix(".cursor.tmp")
+        tmp.write_bytes(_encoder.encode(_Cursor(seq=self._published_seq, offset=self._read_offset)))
+        tmp.replace(self.cursor_path)
+
+    def _maybe_compact(self) -> None:
+        size = os.fstat(self._file.fileno()).st_size
+        if self.backlog == 0 and size >= self.compact_bytes and self._read_offset >= size:
+            self._file.truncate(0)
+            self._read_offset = self._scanned_to = 0
+            self.save_cursor()
+
+    def close(self) -> None:
+        if self.backlog == 0:
+            self.save_cursor()
+        self._file.close()
