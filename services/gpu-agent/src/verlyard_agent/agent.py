@@ -239,31 +239,45 @@ class Agent:
             reason = "the agent stopped while this attempt ran (crash or kill)"
             if pids:
                 reason += f"; its leftover processes {pids} were stopped on restart"
-            report = AttemptFinishedReport(
-                report_id=new_id(),
-                agent=self.agent_id,
-                sent_at=utcnow(),
-                pipeline_id=record.pipeline_id,
-                stage=record.stage,
-                attempt=record.attempt,
-                outcome="failed",
-                failure_class="lost",
-                reason=reason,
-            )
-            self._outbox.report(report)
-            self.store.put(
-                AttemptRecord(
-                    attempt=record.attempt,
-                    pipeline_id=record.pipeline_id,
-                    stage=record.stage,
-                    kind=record.kind,
-                    state="finished",
-                    updated_at=utcnow(),
-                    work_dir=record.work_dir,
-                    finished=report,
-                )
-            )
+            self._end_here(record.pipeline_id, record.stage, record.attempt, record.kind, "failed", "lost", reason)
             self._log.warning("attempt_recovered_as_lost", attempt=record.attempt, leftovers=pids)
+
+    def _end_here(
+        self,
+        pipeline_id: str,
+        stage: str,
+        attempt: str,
+        kind: str,
+        outcome: str,
+        failure_class: str | None,
+        reason: str,
+    ) -> None:
+        """An end the agent decides itself (lost on restart, cancelled before it started, the agent's own
+        failure): journal it and record it, so a later RunStage of the attempt is answered, never run."""
+        assert self.store is not None and self._outbox is not None
+        report = AttemptFinishedReport(
+            report_id=new_id(),
+            agent=self.agent_id,
+            sent_at=utcnow(),
+            pipeline_id=pipeline_id,
+            stage=stage,
+            attempt=attempt,
+            outcome=outcome,
+            failure_class=failure_class,
+            reason=reason,
+        )
+        self._outbox.report(report)
+        self.store.put(
+            AttemptRecord(
+                attempt=attempt,
+                pipeline_id=pipeline_id,
+                stage=stage,
+                kind=kind,
+                state="finished",
+                updated_at=utcnow(),
+                finished=report,
+            )
+        )
 
     async def _connect(self) -> NATS:
         cfg = self.config
@@ -471,21 +485,10 @@ class Agent:
             await run.execute()
         except Exception as exc:  # the agent's own machinery failed (a full disk, say): say so, do not go silent
             self._log.exception("attempt_crashed", attempt=run.attempt)
-            if run.finished is None and self._outbox is not None:
+            if run.finished is None:
                 with contextlib.suppress(Exception):
-                    self._outbox.report(
-                        AttemptFinishedReport(
-                            report_id=new_id(),
-                            agent=self.agent_id,
-                            sent_at=utcnow(),
-                            pipeline_id=run.pipeline_id,
-                            stage=run.stage,
-                            attempt=run.attempt,
-                            outcome="failed",
-                            failure_class="infra",
-                            reason=f"the agent failed while running the attempt: {exc!r}",
-                        )
-                    )
+                    why = f"the agent failed while running the attempt: {exc!r}"
+                    self._end_here(run.pipeline_id, run.stage, run.attempt, run.spec.kind, "failed", "infra", why)
         finally:
             self._runs.pop(run.attempt, None)
             self._maybe_exit()
@@ -508,27 +511,7 @@ class Agent:
                     self._spawn(run.stop("cancelled", command.reason))
                 return "ack"
             case "tombstone":
-                report = AttemptFinishedReport(
-                    report_id=new_id(),
-                    agent=self.agent_id,
-                    sent_at=utcnow(),
-                    pipeline_id=command.pipeline_id,
-                    stage=command.stage,
-                    attempt=command.attempt,
-                    outcome="cancelled",
-                    reason=f"{command.reason} (before it started on this agent)",
-                )
-                self.store.put(
-                    AttemptRecord(
-                        attempt=command.attempt,
-                        pipeline_id=command.pipeline_id,
-                        stage=command.stage,
-                        kind="unknown",
-                        state="finished",
-                        updated_at=utcnow(),
-                        finished=report,
-                    )
-                )
-                self._outbox.report(report)
+                why = f"{command.reason} (before it started on this agent)"
+                self._end_here(command.pipeline_id, command.stage, command.attempt, "unknown", "cancelled", None, why)
                 bound.info("attempt_cancelled_before_start")
                 return "ack"

@@ -213,12 +213,7 @@ class AttemptRun:
         self.log(f"checkpoint of step {step} complete: {path}")
         self._services.outbox.report(
             CheckpointReport(
-                report_id=new_id(),
-                agent=self._services.agent_id,
-                sent_at=utcnow(),
-                pipeline_id=self.pipeline_id,
-                stage=self.stage,
-                attempt=self.attempt,
+                **self._header(),
                 step=step,
                 path=path,
             )
@@ -230,6 +225,17 @@ class AttemptRun:
         return self._stop is not None
 
     # ---- output --------------------------------------------------------------------------------------
+
+    def _header(self) -> dict[str, Any]:
+        """The fields every report of this attempt starts with (a fresh report id each time)."""
+        return {
+            "report_id": new_id(),
+            "agent": self._services.agent_id,
+            "sent_at": utcnow(),
+            "pipeline_id": self.pipeline_id,
+            "stage": self.stage,
+            "attempt": self.attempt,
+        }
 
     def _on_line(self, stream: str, text: str) -> None:
         self._emit(stream, text)
@@ -246,12 +252,7 @@ class AttemptRun:
     def _report_progress(self, value: Progress) -> None:
         self._services.outbox.report(
             AttemptProgressReport(
-                report_id=new_id(),
-                agent=self._services.agent_id,
-                sent_at=utcnow(),
-                pipeline_id=self.pipeline_id,
-                stage=self.stage,
-                attempt=self.attempt,
+                **self._header(),
                 step=value.step,
                 total_steps=value.total_steps,
             )
@@ -343,12 +344,7 @@ class AttemptRun:
         self._record("running")
         self._services.outbox.report(
             AttemptStartedReport(
-                report_id=new_id(),
-                agent=self._services.agent_id,
-                sent_at=utcnow(),
-                pipeline_id=self.pipeline_id,
-                stage=self.stage,
-                attempt=self.attempt,
+                **self._header(),
             )
         )
         gpus = ",".join(str(g) for g in self.gpus) or "none"
@@ -463,12 +459,7 @@ class AttemptRun:
         self.log(f"attempt ended: {outcome}" + (f" [{failure_class}] {reason}" if outcome != "succeeded" else ""))
         self._telemetry.close()
         report = AttemptFinishedReport(
-            report_id=new_id(),
-            agent=self._services.agent_id,
-            sent_at=utcnow(),
-            pipeline_id=self.pipeline_id,
-            stage=self.stage,
-            attempt=self.attempt,
+            **self._header(),
             outcome=outcome,
             exit_code=result.exit_code,
             failure_class=failure_class if outcome == "failed" else None,
