@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration e2e lint up demo bench soak clean
+.PHONY: install test unit integration e2e lint up demo bench soak clean trainer-env
 
 $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The trainer's Python (verl 0.9.1 + CPU torch 2.13.0) in .trainer-venv: idempotent, minutes on first build.
+# The agent runs it as VERLYARD_TRAINER_PYTHON; the training tests use it (and skip if it cannot be built).
+trainer-env:
+	scripts/trainer-env.sh >/dev/null
+TRAINER_ENV_OR_SKIP := scripts/trainer-env.sh >/dev/null || echo "trainer env unavailable: the verl tests will skip"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -26,12 +32,14 @@ unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
 
 integration: $(STAMP)
+	$(TRAINER_ENV_OR_SKIP)
 	$(PY) -m pytest tests/integration -q
 
 e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e -q
 
 test: $(STAMP)
+	$(TRAINER_ENV_OR_SKIP)
 	$(MAKE) lint
 	$(PY) -m pytest tests -q
 

@@ -10,7 +10,19 @@ StageKind = Literal["noop", "preprocess", "train", "evaluate", "export", "cleanu
 STAGE_KINDS: tuple[str, ...] = ("noop", "preprocess", "train", "evaluate", "export", "cleanup", "command")
 When = Literal["on_success", "on_failure", "always"]
 FailureClass = Literal[
-    "infra", "preempted", "hang", "lost", "oom", "nccl", "cuda", "user", "timeout", "poison", "cancelled", "unknown"
+    "infra",
+    "preempted",
+    "hang",
+    "lost",
+    "oom",
+    "nccl",
+    "cuda",
+    "user",
+    "timeout",
+    "poison",
+    "cancelled",
+    "unknown",
+    "resume",
 ]
 
 
