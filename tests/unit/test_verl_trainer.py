@@ -227,6 +227,19 @@ def test_unusable_params_fail_clearly(params: dict[str, Any], kw: dict[str, Any]
         build_train_plan(params, facts(**kw))
 
 
+def test_the_row_count_of_the_preprocess_stage_gives_the_expected_total() -> None:
+    prep = {"prep": {"train_files": ["/d/t.parquet"], "val_files": [], "rows": {"total": 100, "train": 90, "val": 10}}}
+    plan = build_train_plan({"model": "/m", "batch_size": 8, "epochs": 2}, facts(inputs=prep))
+    assert plan.expected_total_steps == 22  # 90 // 8 = 11 a epoch
+    assert plan.val_files == () and "data.val_files" not in as_dict(plan.overrides)
+
+
+def test_files_verl_cannot_read_are_refused() -> None:
+    prep = {"prep": {"train_files": ["/d/train.jsonl"], "val_files": []}}
+    with pytest.raises(TrainConfigError, match="parquet files only"):
+        build_train_plan({"model": "/m"}, facts(inputs=prep))
+
+
 def test_explicit_files_win_over_the_dependency() -> None:
     plan = build_train_plan({"model": "/m", "train_files": "/x/t.parquet"}, facts())
     assert plan.train_files == ("/x/t.parquet",)

@@ -253,8 +253,9 @@ def dataset_files(
 ) -> tuple[tuple[str, ...], tuple[str, ...], int | None]:
     """(train files, val files, train row count) from `with:` or the first dependency that has them.
 
-    A preprocess stage reports `train_files`, `val_files` and (ideally) `train_rows`; a train stage
-    forwards its own, so an evaluate stage that needs only the train stage still finds the val split.
+    A preprocess stage reports `train_files`, `val_files` and its row counts (`rows: {train: N}`, or
+    `train_rows`); a train stage forwards its files, so an evaluate stage that needs only the train
+    stage still finds the val split. verl reads parquet only: other files are refused here.
     """
     train = _files(params.get("train_files"), "with.train_files")
     val = _files(params.get("val_files"), "with.val_files")
@@ -265,12 +266,25 @@ def dataset_files(
             continue
         if not train:
             train = _files(out.get("train_files"), f"outputs of {dep}.train_files")
-            raw_rows = out.get("train_rows")
-            rows = raw_rows if isinstance(raw_rows, int) and not isinstance(raw_rows, bool) else None
+            rows = _train_rows(out)
         if not val:
             val = _files(out.get("val_files"), f"outputs of {dep}.val_files")
         break
+    for path in (*train, *val):
+        if not path.endswith(".parquet"):
+            raise TrainConfigError(
+                f"verl reads parquet files only, not {path!r} (the preprocess stage writes parquet when the agent "
+                "has VERLYARD_TRAINER_PYTHON)"
+            )
     return train, val, rows
+
+
+def _train_rows(out: Mapping[str, Any]) -> int | None:
+    raw = out.get("train_rows")
+    rows = out.get("rows")
+    if raw is None and isinstance(rows, Mapping):
+        raw = cast(Mapping[str, object], rows).get("train")
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) else None
 
 
 def steps_per_epoch(rows: int, batch_size: int, dp: int = 1) -> int:
