@@ -38,8 +38,9 @@ integration: $(STAMP)
 e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e -q
 
+# The full suite needs the real trainer env: a failed build fails `make test` (no silent verl skips in CI).
 test: $(STAMP)
-	$(TRAINER_ENV_OR_SKIP)
+	scripts/trainer-env.sh >/dev/null
 	$(MAKE) lint
 	$(PY) -m pytest tests -q
 
