@@ -5,7 +5,7 @@
   the first build takes a few minutes). Skips, with the reason, when it cannot be had.
 - `verl_package_dir` (session): the installed `verl/` package folder of that interpreter.
 - `tiny_assets` (session): a tiny random Qwen2 model + tokenizer and a messages SFT dataset (224 train,
-  32 val rows), built by `tests/fixtures/verl/make_tiny_assets.py` into `<repo>/.verlyard-test-cache/`,
+  32 val rows), built by `scripts/make_tiny_assets.py` into `<repo>/.verlyard-test-cache/`,
   keyed by the builder's content, so reruns reuse it.
 Tests that may build the environment should carry `@pytest.mark.timeout(TRAINER_ENV_TIMEOUT_S)`.
 """
@@ -23,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".verlyard-test-cache"
-ASSET_BUILDER = REPO / "tests" / "fixtures" / "verl" / "make_tiny_assets.py"
+ASSET_BUILDER = REPO / "scripts" / "make_tiny_assets.py"
 TRAINER_ENV_TIMEOUT_S = 1200
 """A first build of the trainer environment downloads ~2 GB of wheels: allow it in the test's timeout."""
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
