@@ -47,6 +47,11 @@ test: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/verlyard up
 
+# The whole product end to end on this machine (README: how long it takes).
+demo: $(STAMP)
+	scripts/trainer-env.sh >/dev/null
+	$(PY) scripts/demo.py
+
 bench: $(STAMP)
 	$(PY) -m bench
 
