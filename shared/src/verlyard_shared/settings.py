@@ -40,6 +40,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """VERLYARD_AGENT_CANCEL_GRACE_S: SIGTERM to a stage's process group, then SIGKILL after this long."""
     agent_drain_timeout_s: float = 1500.0
     """VERLYARD_AGENT_DRAIN_TIMEOUT_S: after SIGTERM, how long running stages may finish before they are stopped."""
+    datasets_dir: Path | None = None
+    """VERLYARD_DATASETS_DIR: where the API stores pushed datasets (default `$VERLYARD_HOME/datasets`)."""
+    max_dataset_bytes: int = 2 * 1024**3
+    """VERLYARD_MAX_DATASET_BYTES: the largest dataset upload (413 past it)."""
 
 
 _LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -136,6 +140,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         heartbeat_s=_float(env, "VERLYARD_HEARTBEAT_S", 5.0, low=0.05, high=3_600.0),
         agent_cancel_grace_s=_float(env, "VERLYARD_AGENT_CANCEL_GRACE_S", 10.0, low=0.0, high=3_600.0),
         agent_drain_timeout_s=_float(env, "VERLYARD_AGENT_DRAIN_TIMEOUT_S", 1500.0, low=0.0, high=7 * 86_400.0),
+        datasets_dir=Path(env["VERLYARD_DATASETS_DIR"]).expanduser().resolve()
+        if env.get("VERLYARD_DATASETS_DIR")
+        else None,
+        max_dataset_bytes=_int(env, "VERLYARD_MAX_DATASET_BYTES", 2 * 1024**3, low=1, high=2**50),
     )
 
 
@@ -162,4 +170,6 @@ ENV_NAMES: tuple[str, ...] = (
     "VERLYARD_HEARTBEAT_S",
     "VERLYARD_AGENT_CANCEL_GRACE_S",
     "VERLYARD_AGENT_DRAIN_TIMEOUT_S",
+    "VERLYARD_DATASETS_DIR",
+    "VERLYARD_MAX_DATASET_BYTES",
 )

@@ -71,3 +71,13 @@ def metric_subject(pipeline_id: str, stage: str) -> str:
 
 def log_subject(pipeline_id: str, stage: str) -> str:
     return f"{PREFIX}.log.{token(pipeline_id)}.{token(stage)}"
+
+
+# JetStream object store (stream OBJ_vy-datasets): pushed datasets, one object per sha256 (hex), plus a
+# small JSON pointer object `name/<dataset name>` -> {"sha256", "size_bytes", "dataset_id"} for agents
+# that resolve a dataset by name without the database (docs/adr/0009-live-streams.md, datasets).
+DATASETS_BUCKET = "vy-datasets"
+
+
+def dataset_name_object(name: str) -> str:
+    return f"name/{name}"

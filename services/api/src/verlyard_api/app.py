@@ -24,7 +24,9 @@ from verlyard_api.context import ApiContext
 from verlyard_api.errors import Unavailable
 from verlyard_api.http import AuthMiddleware, RequestIdMiddleware, before_send, handle_exception
 from verlyard_api.openapi import error_responses, openapi_config
+from verlyard_api.ops_http import TimingMiddleware, request_recorder
 from verlyard_api.routes import ROUTES
+from verlyard_api.services import Services
 from verlyard_shared.logging import configure_logging
 from verlyard_shared.runtime import retry_until, stop_on_signals
 from verlyard_shared.settings import Settings
@@ -44,6 +46,8 @@ class ApiDeps:
     relay_lag: dict[str, Any] = field(default_factory=dict)
     ctx: ApiContext | None = None
     """Store, projector and tokens on `pool` (routes answer 503 until it is set)."""
+    services: Services = field(default_factory=Services)
+    """Telemetry wake-ups, live heartbeats, the dataset store, /metrics counters (services.py)."""
 
     def context(self) -> ApiContext:
         if self.ctx is None:
@@ -87,11 +91,18 @@ def create_app(deps: ApiDeps) -> Litestar:
 
     return Litestar(
         route_handlers=[healthz, readyz, *ROUTES],
-        dependencies={"ctx": Provide(deps.context, sync_to_thread=False)},
+        dependencies={
+            "ctx": Provide(deps.context, sync_to_thread=False),
+            "svc": Provide(lambda: deps.services, sync_to_thread=False),
+        },
         # Request ids first (outermost), so authentication failures carry one too.
-        middleware=[RequestIdMiddleware, DefineMiddleware(AuthMiddleware, authenticate=authenticate)],
+        middleware=[
+            RequestIdMiddleware,
+            TimingMiddleware,
+            DefineMiddleware(AuthMiddleware, authenticate=authenticate),
+        ],
         exception_handlers={Exception: handle_exception},
-        before_send=[before_send],
+        before_send=[before_send, request_recorder(deps.services.ops)],
         # Everything but /healthz needs a token, /schema included (docs/adr/0006-api-auth.md).
         openapi_config=openapi_config(),
         request_max_body_size=MAX_BODY_BYTES,
@@ -100,6 +111,9 @@ def create_app(deps: ApiDeps) -> Litestar:
 
 
 async def serve(settings: Settings) -> None:
+    from verlyard_api.adapters.dataset_store import DatasetStore
+    from verlyard_api.adapters.nats_telemetry import TelemetryPersister
+    from verlyard_api.adapters.pg_telemetry_listen import TelemetryListener
     from verlyard_api.adapters.pg_tokens import bootstrap_admin_token
     from verlyard_api.relay import OutboxRelay
     from verlyard_shared.nats_topology import connect_nats, ensure_topology
@@ -129,6 +143,10 @@ async def serve(settings: Settings) -> None:
             await bootstrap_admin_token(deps.pool, Path(settings.home) / "admin-token")
         tasks.append(asyncio.create_task(ctx.listener.run(stop), name="listener"))
         tasks.append(asyncio.create_task(ctx.projector.run(stop), name="projector"))
+        services = deps.services
+        services.max_dataset_bytes = settings.max_dataset_bytes
+        telemetry_listener = TelemetryListener(deps.pool, services.telemetry)
+        tasks.append(asyncio.create_task(telemetry_listener.run(stop), name="telemetry-listener"))
         deps.nc = await retry_until(
             "nats",
             lambda: connect_nats(
@@ -146,6 +164,18 @@ async def serve(settings: Settings) -> None:
         await ensure_topology(js)
         relay = OutboxRelay(deps.pool, js)
         tasks.append(asyncio.create_task(relay.run(stop), name="relay"))
+        services.relay_lag = lambda: relay.lag
+        services.datasets = DatasetStore(settings.datasets_dir or Path(settings.home) / "datasets", js=js)
+        await services.live_agents.start(deps.nc)
+        for kind in ("metric", "log"):
+            persister = TelemetryPersister(
+                js,
+                deps.pool,
+                kind,
+                on_commit=services.committed,
+                ops=services.ops,  # type: ignore[arg-type]
+            )
+            tasks.append(asyncio.create_task(persister.run(stop), name=f"{kind}-persister"))
         log.info("api_ready", host=settings.api_host, port=settings.api_port)
         await stop.wait()
     finally:
@@ -154,6 +184,7 @@ async def serve(settings: Settings) -> None:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, timeout=10)
+        await deps.services.live_agents.stop()
         if deps.nc is not None:
             with contextlib.suppress(Exception):
                 await deps.nc.close()

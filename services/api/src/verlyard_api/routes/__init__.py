@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from litestar.types import ControllerRouterHandler
 
-from verlyard_api.routes import admin, events, pipelines, tokens
+from verlyard_api.routes import admin, agents, datasets, events, logs, metrics, ops, pipelines, stream, tokens
 
-ROUTES: list[ControllerRouterHandler] = [*pipelines.HANDLERS, *events.HANDLERS, *tokens.HANDLERS, *admin.HANDLERS]
+ROUTES: list[ControllerRouterHandler] = [
+    *pipelines.HANDLERS,
+    *events.HANDLERS,
+    *tokens.HANDLERS,
+    *admin.HANDLERS,
+    *metrics.HANDLERS,
+    *logs.HANDLERS,
+    *stream.HANDLERS,
+    *agents.HANDLERS,
+    *datasets.HANDLERS,
+    *ops.HANDLERS,
+]
