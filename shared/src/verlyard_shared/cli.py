@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from verlyard_shared.cli_args import API_COMMANDS, add_api_commands
 from verlyard_shared.settings import Settings, SettingsError, load_settings
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="rebuild the read models from the event log (--verify: only compare)")
     replay.add_argument("--verify", action="store_true", help="report differences instead of rebuilding")
     replay.add_argument("--json", action="store_true", help="print the API's JSON report")
+    add_api_commands(sub)
     return parser
 
 
@@ -111,6 +113,10 @@ def _run(args: argparse.Namespace) -> int:
             from verlyard_shared.cli_api import replay
 
             return replay(settings, verify=args.verify, as_json=args.json)
+        case command if command in API_COMMANDS:
+            from verlyard_shared.cli_commands import run_command
+
+            return run_command(args, settings)
         case _:
             raise CliError(f"unknown command {args.command!r}")
 
@@ -132,4 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this `__main__` copy: the command modules raise
+    # `verlyard_shared.cli.CliError`, which must be the class `main` catches.
+    from verlyard_shared.cli import main as _main
+
+    sys.exit(_main())

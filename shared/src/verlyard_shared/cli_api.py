@@ -1,4 +1,5 @@
-"""Entrypoint: CLI commands that talk to the API over HTTP (`verlyard token create`, `verlyard replay`).
+"""Entrypoint: the CLI's HTTP client of the API (one error mapping for every command: `call`, `stream`)
+and the admin commands `verlyard token create` and `verlyard replay` (the others: cli_commands.py).
 
 The API is at VERLYARD_API_URL; the token is VERLYARD_TOKEN, or the embedded stack's
 `$VERLYARD_HOME/admin-token`. Errors become one line for the user (the API's `detail`).
@@ -6,13 +7,16 @@ The API is at VERLYARD_API_URL; the token is VERLYARD_TOKEN, or the embedded sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
 from verlyard_shared.cli import CliError
+from verlyard_shared.cli_render import api_error_message, unreachable_message
 from verlyard_shared.settings import Settings
 
 TIMEOUT_S = 30.0
@@ -37,6 +41,15 @@ def resolve_token(settings: Settings) -> str:
     return token
 
 
+class ApiCallError(CliError):
+    """The API answered with an error status; the message is the one line shown to the user."""
+
+    def __init__(self, message: str, *, status: int, body: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
 def api_client(settings: Settings, *, timeout: float = TIMEOUT_S) -> httpx.Client:
     return httpx.Client(
         base_url=settings.api_url,
@@ -45,20 +58,54 @@ def api_client(settings: Settings, *, timeout: float = TIMEOUT_S) -> httpx.Clien
     )
 
 
+def transport_error(client: httpx.Client, exc: httpx.HTTPError) -> CliError:
+    """A failed connection or a timeout -> one line naming the API's address."""
+    url = str(client.base_url).rstrip("/")
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return CliError(unreachable_message(url))
+    if isinstance(exc, httpx.TimeoutException):
+        return CliError(f"the API at {url} did not answer in time ({type(exc).__name__})")
+    return CliError(f"lost the connection to the API at {url}: {exc or type(exc).__name__}")
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """ApiCallError with the API's detail (and a bad spec's issues, one per line) for a 4xx/5xx."""
+    if response.status_code < 400:
+        return
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = None
+    message = api_error_message(response.status_code, body, response.text if body is None else "")
+    raise ApiCallError(message, status=response.status_code, body=body)
+
+
 def call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
     """The JSON body of a successful response; CliError with the API's detail otherwise."""
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise CliError(f"cannot reach the API at {client.base_url}: {exc}") from None
-    if response.status_code >= 400:
-        try:
-            body = response.json()
-            message = f"{body.get('error', 'error')}: {body.get('detail', response.text)}"
-        except ValueError:
-            message = response.text.strip() or response.reason_phrase
-        raise CliError(f"{response.status_code} {message}")
-    return response.json()
+        raise transport_error(client, exc) from None
+    raise_for_error(response)
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise CliError(f"the API answered {method} {path} with something that is not JSON") from None
+
+
+@contextlib.contextmanager
+def stream(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+    """A streaming response (SSE, followed logs) whose errors read like `call`'s."""
+    try:
+        with client.stream(method, path, **kwargs) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise_for_error(response)
+            yield response
+    except httpx.HTTPError as exc:
+        raise transport_error(client, exc) from None
 
 
 def token_create(settings: Settings, *, role: str, name: str | None, as_json: bool) -> int:
