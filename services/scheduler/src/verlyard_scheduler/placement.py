@@ -9,7 +9,7 @@ that could best serve it, so smaller stages behind it cannot starve it by taking
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -252,6 +252,19 @@ def agent_views(
                 busy_gpus.setdefault(attempt.agent, set()).update(attempt.gpus)
             else:
                 used_slots[attempt.agent] = used_slots.get(attempt.agent, 0) + attempt.cpu_slots
+    return views_from_usage(agents, busy_gpus, used_slots, last_seen=last_seen, heartbeat_timeout_s=heartbeat_timeout_s)
+
+
+def views_from_usage(
+    agents: Iterable[AgentState],
+    busy_gpus: Mapping[str, Collection[int]],
+    used_slots: Mapping[str, int],
+    *,
+    last_seen: Mapping[str, datetime] | None = None,
+    heartbeat_timeout_s: float | None = None,
+) -> list[AgentView]:
+    """`agent_views` for a caller that keeps the usage itself (the service, incrementally):
+    `busy_gpus` (agent -> GPU indexes held by active attempts), `used_slots` (agent -> CPU slots held)."""
     views: list[AgentView] = []
     for agent in agents:
         if agent.status in ("lost", "gone"):
@@ -261,7 +274,7 @@ def agent_views(
             seen = last_seen.get(agent.agent) or agent.registered_at
             if seen is not None:
                 alive_until = seen + timedelta(seconds=heartbeat_timeout_s)
-        busy = busy_gpus.get(agent.agent, set())
+        busy = busy_gpus.get(agent.agent, ())
         views.append(
             AgentView(
                 agent=agent.agent,
