@@ -90,13 +90,20 @@ async def wait_terminal(store: PostgresEventStore, pids: list[str], *, timeout: 
 
 
 @contextlib.asynccontextmanager
-async def scheduler(pg_url: str, nats_url: str, **config: Any) -> AsyncIterator[SchedulerService]:
-    """A SchedulerService running in this event loop until the block ends."""
+async def scheduler(
+    pg_url: str, nats_url: str, *, live_load: bool = True, **config: Any
+) -> AsyncIterator[SchedulerService]:
+    """A SchedulerService running in this event loop until the block ends. `live_load=False` makes it
+    fold the whole log from position 0 instead of reading only the live streams."""
     pool = await connect_pool(pg_url, min_size=1, max_size=4)
     nc = await connect_nats(nats_url, name="test-scheduler")
     stop = asyncio.Event()
     service = SchedulerService(
-        dsn=pg_url, store=PostgresEventStore(pool), js=nc.jetstream(), config=SchedulerConfig(**config)
+        dsn=pg_url,
+        store=PostgresEventStore(pool),
+        js=nc.jetstream(),
+        pool=pool if live_load else None,
+        config=SchedulerConfig(**config),
     )
     task = asyncio.create_task(service.run(stop))
     try:

@@ -1,5 +1,6 @@
 """The scheduler as a real process (`python -m verlyard_shared.cli scheduler`): kill -9 mid-run and restart,
-and two schedulers side by side (reliability T1 reduced; issue 3: one leader, takeover within 5 s).
+and two schedulers side by side (reliability T1 reduced; issue 3: one leader, takeover within 5 s); and
+a new term rebuilding the same world whether it reads only the live streams or folds the whole log.
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from verlyard_shared.events import StageSucceeded
 from verlyard_shared.store.postgres import PostgresEventStore
 
 from .fake_agent import FakeAgent
-from .scheduler_kit import DIAMOND, history, log_lines, spawn_scheduler, state_of, submit, until, wait_terminal
+from .scheduler_kit import (
+    DIAMOND,
+    history,
+    log_lines,
+    scheduler,
+    spawn_scheduler,
+    state_of,
+    submit,
+    until,
+    wait_terminal,
+)
 
 SLOW_DIAMOND = {name: {**body, "with": {"sleep_ms": 200}} for name, body in DIAMOND.items()}
 
@@ -80,6 +91,9 @@ async def test_kill_9_mid_run_then_restart_every_pipeline_completes_exactly_once
         await _exactly_once(pg_store, pids)
         loaded = [line for line in log_lines(log_path) if line.get("event") == "scheduler_loaded"]
         assert len(loaded) == 3 and loaded[-1]["events"] > 0
+        # T1: a restarted scheduler sends its first command within 2 s of taking the lead.
+        firsts = [line["seconds"] for line in log_lines(log_path) if line.get("event") == "scheduler_first_command"]
+        assert len(firsts) == 3 and max(firsts[1:]) < 2.0, firsts
     finally:
         for agent in agents:
             await agent.stop()
@@ -128,3 +142,40 @@ async def test_two_schedulers_one_leads_and_the_standby_takes_over_within_5s_of_
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_new_term_rebuilds_the_same_world_from_the_live_streams_or_the_whole_log(
+    pg_url: str, pg_store: PostgresEventStore, nats_url: str
+) -> None:
+    agent = await FakeAgent(nats_url, "a0", heartbeat_s=0.3).start()
+    agent.hang.add("stuck")
+    try:
+        async with scheduler(pg_url, nats_url, lease_s=30.0):
+            done = [await submit(pg_store, DIAMOND) for _ in range(3)]
+            running = await submit(
+                pg_store, {"first": {}, "stuck": {"needs": ["first"]}, "after": {"needs": ["stuck"]}}
+            )
+            await wait_terminal(pg_store, done, timeout=15)
+
+            async def stuck_runs() -> bool:
+                return (await state_of(pg_store, running)).stages["stuck"].status == "running"
+
+            await until(stuck_runs, timeout=10, what="the stuck stage to run")
+        expected = await state_of(pg_store, running)
+        worlds = []
+        for live_load in (True, False):
+            async with scheduler(pg_url, nats_url, live_load=live_load, lease_s=30.0) as service:
+                term = service.term
+                assert term is not None
+                await asyncio.wait_for(term.loaded.wait(), timeout=10)
+                worlds.append(term.world)
+        for world in worlds:
+            assert list(world.pipelines) == [running]  # ended pipelines are not kept
+            state = world.pipelines[running]
+            assert state.version == expected.version
+            assert {n: s.status for n, s in state.stages.items()} == {n: s.status for n, s in expected.stages.items()}
+            assert set(world.agents) == {"a0"} and world.position == await pg_store.head_position()
+            stuck = state.stages["stuck"].current
+            assert stuck is not None and stuck.id in world.leases  # seeded with the restart grace
+    finally:
+        await agent.stop()

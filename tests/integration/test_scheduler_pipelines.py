@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 from nats.js import JetStreamContext
 
@@ -33,7 +34,7 @@ from verlyard_shared.subjects import report_subject
 from .fake_agent import FakeAgent
 from .scheduler_kit import DIAMOND, LINEAR, fan_out, history, scheduler, submit, until, wait_terminal
 
-FAST = {"lease_s": 3.0, "reconcile_s": 0.5}
+FAST: dict[str, Any] = {"lease_s": 3.0, "reconcile_s": 0.5}
 
 
 def successes(log: list) -> Counter[str]:

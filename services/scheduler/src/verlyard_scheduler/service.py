@@ -258,7 +258,12 @@ class Term:
         # Outstanding commands first: the fastest way back to work after a restart.
         await self._reconcile(now)
         self._spawn(self.inbox.run(stop), "scheduler-reports")
+        first_logged = False
         while not stop.is_set():
+            if not first_logged and self.first_command_s is not None:
+                # T1 measures this: the first command after taking the lead (restart or takeover).
+                self._log.info("scheduler_first_command", seconds=round(self.first_command_s, 3))
+                first_logged = True
             self._check()
             self._wake.clear()
             await self._turn()
