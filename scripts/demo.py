@@ -124,9 +124,13 @@ def main() -> int:
         status = subprocess.run([*CLI, "status", pipeline_id, "--json"], env=env, capture_output=True, text=True)
         if status.returncode == 0:
             stages = json.loads(status.stdout).get("stages", {})
-            for name in ("train", "export"):
+            for name, keys in (
+                ("train", ("checkpoint_dir", "last_step")),
+                ("eval", ("val_loss", "perplexity", "exact_match")),
+                ("export", ("hf_dir",)),
+            ):
                 outputs = stages.get(name, {}).get("outputs") or {}
-                for key in ("checkpoint_dir", "hf_dir"):
+                for key in keys:
                     if key in outputs:
                         print(f"{name}.{key}: {outputs[key]}")
         print(f"event log: VERLYARD_HOME={HOME} .venv/bin/verlyard events {pipeline_id}")
