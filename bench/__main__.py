@@ -20,7 +20,7 @@ def _table(results: list[Result]) -> str:
     rows = [("name", "check", "target", "measured", "")]
     for r in results:
         for c in r.checks:
-            rows.append((r.name, c.what, c.target, c.measured, "PASS" if c.passed else "MISS"))
+            rows.append((r.name, c.what, c.target, c.measured, {True: "PASS", False: "MISS", None: "-"}[c.passed]))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
