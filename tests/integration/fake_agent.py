@@ -102,11 +102,14 @@ class FakeAgent:
 
     async def stop(self) -> None:
         """Stop without reporting anything more (the attempts are simply gone: like SIGKILL)."""
-        for task in [*self._tasks, *self._attempts.values()]:
+        tasks = [*self._tasks, *self._attempts.values()]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._attempts.values()]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+            for task in tasks:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a failed attempt task is not an error of the test
         self._tasks.clear()
         if self._nc is not None:
             with contextlib.suppress(Exception):
@@ -185,8 +188,7 @@ class FakeAgent:
                 task = self._attempts.get(command.attempt)
                 if task is not None and not task.done():
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    await asyncio.wait({task})  # never swallows a cancellation of this handler
                     self.finished[command.attempt] = "cancelled"
                     await self.report(
                         AttemptFinishedReport(**self._base(command), outcome="cancelled", reason=command.reason)

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from verlyard_shared.embedded.nats import EmbeddedNats
@@ -177,5 +178,32 @@ async def test_a_new_term_rebuilds_the_same_world_from_the_live_streams_or_the_w
             assert set(world.agents) == {"a0"} and world.position == await pg_store.head_position()
             stuck = state.stages["stuck"].current
             assert stuck is not None and stuck.id in world.leases  # seeded with the restart grace
+    finally:
+        await agent.stop()
+
+
+async def test_a_leader_whose_lock_connection_dies_steps_down_at_once_and_leads_again(
+    pg_url: str, pg_store: PostgresEventStore, pg_pool: asyncpg.Pool, nats_url: str
+) -> None:
+    agent = await FakeAgent(nats_url, "a0", heartbeat_s=0.3).start()
+    try:
+        async with scheduler(pg_url, nats_url, lease_s=30.0) as service:
+            first = service.term
+            assert first is not None
+            await asyncio.wait_for(first.loaded.wait(), timeout=10)
+            killed = await pg_pool.fetchval(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            )
+            assert killed
+            await until(lambda: _async(first.leadership.lost.is_set()), timeout=5, what="the loss to be noticed")
+
+            async def new_term() -> bool:
+                return service.terms == 2 and service.leading.is_set()
+
+            await until(new_term, timeout=10, what="a new term")
+            pids = [await submit(pg_store, SLOW_DIAMOND) for _ in range(3)]
+            states = await wait_terminal(pg_store, pids, timeout=20)
+            assert all(s.status == "succeeded" for s in states.values())
+            await _exactly_once(pg_store, pids)
     finally:
         await agent.stop()

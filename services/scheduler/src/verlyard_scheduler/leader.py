@@ -67,8 +67,7 @@ class Leadership:
     async def release(self) -> None:
         """Give the lock back (closing the session releases it even if the unlock fails)."""
         self._watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._watch
+        await asyncio.wait({self._watch}, timeout=5)
         self.lost.set()
         with contextlib.suppress(Exception):
             self.conn.remove_termination_listener(self._on_terminate)

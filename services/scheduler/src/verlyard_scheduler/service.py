@@ -186,6 +186,9 @@ class Term:
         self._timers: list[tuple[datetime, str]] = []
         self._scheduled: dict[str, datetime] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._in_hand: list[Msg] = []
+        self._inbox_task: asyncio.Task[None] | None = None
+        """Report messages of the turn under way (handed back if the term ends in the middle of it)."""
         self._next_reconcile = 0.0
         self._log = log.bind(term=service.terms)
         self.loaded = asyncio.Event()
@@ -216,11 +219,20 @@ class Term:
             raise LeadershipLost("the leader lock's connection failed")
 
     async def close(self) -> None:
+        # asyncio.wait never raises a task's own CancelledError, so a cancellation of the caller is
+        # never swallowed here (it propagates from the await itself).
+        self.inbox.close()
+        if self._inbox_task is not None:
+            await asyncio.wait({self._inbox_task}, timeout=2.5)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+            for task in self._tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    self._log.warning("scheduler_task_failed", task=task.get_name(), error=repr(task.exception()))
+        await self.inbox.release(self._in_hand)
+        self._in_hand = []
         await self.sender.close()
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -257,7 +269,8 @@ class Term:
         self.loaded.set()
         # Outstanding commands first: the fastest way back to work after a restart.
         await self._reconcile(now)
-        self._spawn(self.inbox.run(stop), "scheduler-reports")
+        self._inbox_task = asyncio.create_task(self.inbox.run(stop), name="scheduler-reports")
+        self._tasks.append(self._inbox_task)
         first_logged = False
         while not stop.is_set():
             if not first_logged and self.first_command_s is not None:
@@ -380,6 +393,7 @@ class Term:
         self._place_all = False
         msgs = [m for m, _ in reports]
         await self._apply_plan(plan, msgs, now)
+        self._in_hand = []
         if time.monotonic() >= self._next_reconcile:
             await self._reconcile(now)
 
@@ -473,7 +487,8 @@ class Term:
     async def _reports(self) -> list[tuple[Msg, AnyReport]]:
         """Decode what the inbox holds (poison is terminated here) and load any retired pipeline named."""
         out: list[tuple[Msg, AnyReport]] = []
-        for msg in self.inbox.take():
+        self._in_hand = self.inbox.take()
+        for msg in self._in_hand:
             try:
                 report = decode(msg)
             except PoisonReport as exc:

@@ -10,7 +10,6 @@ reconciliation sends it again: a lost message costs latency, never correctness.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterable
 
@@ -103,8 +102,8 @@ class CommandSender:
         self._consumers.add(agent)
 
     async def close(self) -> None:
-        for task in list(self._acks):
+        tasks = list(self._acks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._acks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)

@@ -45,13 +45,33 @@ def decode(msg: Msg) -> AnyReport:
 class ReportInbox:
     """Fetches report messages for the leader's loop; `take()` hands over what arrived."""
 
-    def __init__(self, js: JetStreamContext, *, wake: Callable[[], None], batch: int = 1000) -> None:
+    def __init__(
+        self, js: JetStreamContext, *, wake: Callable[[], None], batch: int = 1000, fetch_s: float = 0.5
+    ) -> None:
         self._js = js
+        self._fetch_s = fetch_s
+        """How long one pull request waits on the server (also how long a closing inbox may wait)."""
         self._wake = wake
         self._batch = batch
         self._ready: list[Msg] = []
         self._taken = asyncio.Event()
         self._taken.set()
+        self._closing = False
+
+    def close(self) -> None:
+        """Stop after the fetch under way returns (its pull request expires on the server within
+        `fetch_s`, so no message is left delivered to a subscription nobody reads); what it brings is
+        handed back by `release`."""
+        self._closing = True
+        self._taken.set()
+
+    async def release(self, held: list[Msg]) -> None:
+        """Hand back (nak, no delay) what the inbox holds and `held`: a term that ends alive lets the next
+        leader have them now, not after the ack deadline. A message already acked ignores the nak."""
+        for msg in [*self._ready, *held]:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        self._ready = []
 
     def take(self) -> list[Msg]:
         msgs, self._ready = self._ready, []
@@ -63,14 +83,16 @@ class ReportInbox:
         sub: JetStreamContext.PullSubscription | None = None
         delay = 0.1
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self._closing:
                 try:
                     if sub is None:
                         sub = await self._js.pull_subscribe_bind(
                             durable=CONSUMER_SCHEDULER_REPORTS, stream=STREAM_REPORTS
                         )
                     await self._taken.wait()
-                    msgs = await sub.fetch(self._batch, timeout=1.0)
+                    if self._closing:
+                        break
+                    msgs = await sub.fetch(self._batch, timeout=self._fetch_s)
                     delay = 0.1
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
