@@ -20,7 +20,6 @@ LOGS_ALL = f"{PREFIX}.log.>"
 
 # Durable consumers owned by the control plane.
 CONSUMER_SCHEDULER_REPORTS = "scheduler-reports"
-CONSUMER_SCHEDULER_EVENTS = "scheduler-events"
 CONSUMER_API_EVENTS = "api-events"
 CONSUMER_API_METRICS = "api-metrics"
 CONSUMER_API_LOGS = "api-logs"

@@ -69,16 +69,6 @@ CONSUMERS: tuple[ConsumerDef, ...] = (
         max_ack_pending=10_000,
     ),
     ConsumerDef(
-        durable=s.CONSUMER_SCHEDULER_EVENTS,
-        stream=s.STREAM_EVENTS,
-        filter_subject=s.EVENTS_ALL,
-        ack_wait_s=10.0,
-        max_deliver=10,
-        backoff_s=_BACKOFF,
-        max_ack_pending=10_000,
-        deliver_policy="new",
-    ),
-    ConsumerDef(
         durable=s.CONSUMER_API_METRICS,
         stream=s.STREAM_METRICS,
         filter_subject=s.METRICS_ALL,
