@@ -41,6 +41,8 @@ from verlyard_shared.embedded.ports import free_port
 pytestmark = pytest.mark.timeout(600)
 
 FINAL = {"succeeded", "failed", "cancelled"}
+RESUME_STEPS = 12
+"""Enough steps after the first checkpoint (step 2) that the agent is killed mid-training."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ def test_sft_pipeline_end_to_end(stack: Stack) -> None:
         },
     }
     pipeline_id = stack.submit(spec)
-    view = stack.wait_final(pipeline_id, 240)
+    view = stack.wait_final(pipeline_id, 420)
     assert view["status"] == "succeeded", json.dumps(view, indent=1)
     assert {name: s["status"] for name, s in view["stages"].items()} == dict.fromkeys(spec["stages"], "succeeded")
 
@@ -266,14 +268,16 @@ def test_agent_killed_mid_training_resumes_from_the_recorded_checkpoint(stack: S
         "defaults": {"timeout": "15m"},
         "stages": {
             "prep": _prep(stack.dataset),
-            "train": _train(stack, steps=16, epochs=2, save_every=2, retry=_retry("lost", "infra", attempts=3)),
+            "train": _train(
+                stack, steps=RESUME_STEPS, epochs=2, save_every=2, retry=_retry("lost", "infra", attempts=3)
+            ),
         },
     }
     pipeline_id = stack.submit(spec)
     seen = stack.wait(
         "a checkpoint.saved event",
         lambda: _checkpoint_steps(stack.events(pipeline_id)),
-        240,
+        360,
         pipeline_id,
     )
     agent_pid_file = stack.home / "run" / "agent.pid"
@@ -289,7 +293,7 @@ def test_agent_killed_mid_training_resumes_from_the_recorded_checkpoint(stack: S
         return pid != old_agent and psutil.pid_exists(pid)
 
     stack.wait("the supervisor to restart the agent", restarted, 60)
-    view = stack.wait_final(pipeline_id, 300)
+    view = stack.wait_final(pipeline_id, 420)
     assert view["status"] == "succeeded", json.dumps(view, indent=1)
 
     attempts = view["stages"]["train"]["attempts"]
@@ -304,7 +308,7 @@ def test_agent_killed_mid_training_resumes_from_the_recorded_checkpoint(stack: S
     loss = _series(stack.metrics(pipeline_id, "train", "train/loss"), "train/loss")
     second = [step for step, _ in loss[2]]
     assert second[0] == resumed + 1, f"resumed from {resumed} but the retry's first step is {second[0]}"
-    assert second[-1] == 16, second
+    assert second[-1] == RESUME_STEPS, second
     assert not _attempt_processes(first_attempt), "the lost attempt's processes were left running"
 
 
@@ -324,7 +328,7 @@ def test_cancel_mid_training_stops_the_process_group(stack: Stack) -> None:
             return str(attempts[-1]["id"])
         return None
 
-    attempt = stack.wait("the train attempt's first step", stepping, 240, pipeline_id)
+    attempt = stack.wait("the train attempt's first step", stepping, 360, pipeline_id)
     processes = _attempt_processes(attempt)
     assert processes, "the running attempt has no marked process"
     answer = stack.client.post(f"/api/v1/pipelines/{pipeline_id}/cancel", json={"reason": "e2e cancel"})
