@@ -22,8 +22,8 @@ from nats.aio.client import Client as NATS
 from verlyard_api.auth import Principal
 from verlyard_api.context import ApiContext
 from verlyard_api.errors import Unavailable
-from verlyard_api.http import AuthMiddleware, RequestIdMiddleware, before_send, handle_exception
-from verlyard_api.openapi import error_responses, openapi_config
+from verlyard_api.http import AuthMiddleware, RequestIdMiddleware, allow_header, before_send, handle_exception
+from verlyard_api.openapi import ClosedStructSchemaPlugin, error_responses, openapi_config
 from verlyard_api.ops_http import TimingMiddleware, request_recorder
 from verlyard_api.routes import ROUTES
 from verlyard_api.services import Services
@@ -102,9 +102,10 @@ def create_app(deps: ApiDeps) -> Litestar:
             DefineMiddleware(AuthMiddleware, authenticate=authenticate),
         ],
         exception_handlers={Exception: handle_exception},
-        before_send=[before_send, request_recorder(deps.services.ops)],
+        before_send=[before_send, allow_header, request_recorder(deps.services.ops)],
         # Everything but /healthz needs a token, /schema included (docs/adr/0006-api-auth.md).
         openapi_config=openapi_config(),
+        plugins=[ClosedStructSchemaPlugin()],
         request_max_body_size=MAX_BODY_BYTES,
         debug=False,
     )

@@ -15,7 +15,10 @@ import msgspec
 
 from verlyard_api.errors import BadRequest
 
-_CURSOR: Final = re.compile(r"e(\d{1,18})\.m(\d{1,18})\.l(\d{1,18})")
+_CURSOR: Final = re.compile(r"e([0-9]{1,18})\.m([0-9]{1,18})\.l([0-9]{1,18})")
+_OFFSET: Final = re.compile(r"[0-9]{1,18}")
+_BLANK: Final = " \t"
+"""Only spaces and tabs around a cursor are ignored (what the OpenAPI patterns say; ASCII digits only)."""
 
 
 class StreamCursor(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,10 +34,12 @@ class StreamCursor(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def decode_cursor(value: str | None, *, field: str = "Last-Event-ID") -> StreamCursor:
-    """The cursor of a Last-Event-ID header (or `cursor` parameter); the start when absent or empty."""
-    if value is None or not value.strip():
+    """The cursor of a Last-Event-ID header (or `cursor` parameter, STREAM_CURSOR_PATTERN in openapi.py); the
+    start when absent or empty."""
+    text = (value or "").strip(_BLANK)
+    if not text:
         return StreamCursor()
-    match = _CURSOR.fullmatch(value.strip())
+    match = _CURSOR.fullmatch(text)
     if match is None:
         raise BadRequest(
             f"{field} must be the `id` of a message of this stream (e<version>.m<id>.l<id>), not {value!r}",
@@ -47,10 +52,10 @@ def decode_cursor(value: str | None, *, field: str = "Last-Event-ID") -> StreamC
 
 def decode_offset(value: str | None, *, field: str = "Last-Event-ID") -> int | None:
     """A log follower's Last-Event-ID: the offset of the last line received (None when absent)."""
-    if value is None or not value.strip():
+    text = (value or "").strip(_BLANK)
+    if not text:
         return None
-    text = value.strip()
-    if not text.isdigit() or len(text) > 18:
+    if not _OFFSET.fullmatch(text):  # not str.isdigit(): it accepts "²", which int() refuses
         raise BadRequest(
             f"{field} must be the offset of the last line received, not {value!r}",
             code="invalid_cursor",

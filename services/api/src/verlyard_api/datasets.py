@@ -61,8 +61,9 @@ def name_from_filename(filename: str) -> str:
 
 
 def choose_name(name: str | None, filename: str | None) -> str:
-    """The dataset's name: `?name=`, else derived from the filename; 422 when neither gives a valid one."""
-    if name:
+    """The dataset's name: `?name=`, else derived from the filename; 422 when neither gives a valid one (an
+    empty `?name=` is an invalid name, not a missing one)."""
+    if name is not None:
         return validate_name(name)
     if filename:
         return validate_name(name_from_filename(filename), source="filename")

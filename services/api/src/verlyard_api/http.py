@@ -18,6 +18,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.response import ServerSentEvent
 from litestar.response.base import ASGIResponse
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from verlyard_api.adapters.pg import is_unavailable, start_request_budget
@@ -213,6 +214,26 @@ async def before_send(message: Message, scope: Scope) -> None:
         duration_ms=round((time.perf_counter() - started) * 1000, 2) if started else None,
         request_id=rid,
     )
+
+
+async def allow_header(message: Message, scope: Scope) -> None:
+    """OPTIONS answers `Allow` with every method of the path. Litestar's automatic OPTIONS handler belongs to
+    the first handler registered for a path and lists only that handler's methods (`POST, OPTIONS` for
+    /api/v1/pipelines, which has GET too); the route table knows them all."""
+    if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS" or message["status"] != 204:
+        return
+    template = scope.get("path_template")
+    methods = {
+        method
+        for route in scope["app"].routes
+        if isinstance(route, HTTPRoute) and route.path_format == template
+        for method in route.methods
+    }
+    if not methods:
+        return
+    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+    headers.append((b"allow", ", ".join(sorted(methods)).encode()))
+    message["headers"] = headers
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -14,7 +14,7 @@ from verlyard_api.agents import AgentOut, AgentPage, agent_out, agents_out, deci
 from verlyard_api.context import ApiContext
 from verlyard_api.errors import Conflict, NotFound
 from verlyard_api.http import Ctx, admin, current_request_id, principal_of, viewer
-from verlyard_api.openapi import error_responses
+from verlyard_api.openapi import OptionalBodyOperation, error_responses
 from verlyard_api.services import Services, Svc
 from verlyard_shared.envelope import Metadata, NewEvent
 from verlyard_shared.ids import agent_stream
@@ -27,7 +27,12 @@ class DrainBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reason: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
 
 
-@get("/api/v1/agents", guards=[viewer], summary="Agents: GPUs, utilisation, state, current attempts")
+@get(
+    "/api/v1/agents",
+    guards=[viewer],
+    summary="Agents: GPUs, utilisation, state, current attempts",
+    responses=error_responses(),
+)
 async def list_agents(ctx: Ctx, svc: Svc) -> AgentPage:
     async with guarded():
         records = fold_agents(await agent_envelopes(ctx.pool))
@@ -56,6 +61,7 @@ async def get_agent(ctx: Ctx, svc: Svc, agent_id: FromPath[str]) -> AgentOut:
     status_code=202,
     summary="Drain an agent: it finishes its running attempts and takes no new work (the scheduler acts on it)",
     responses=error_responses(400, 403, 404, 409, 413),
+    operation_class=OptionalBodyOperation,
 )
 async def drain_agent(
     request: Request[Any, Any, Any],

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, QueryParameter
 
 from verlyard_api.adapters.dataset_store import DatasetStore
@@ -35,7 +36,7 @@ from verlyard_api.datasets import (
 )
 from verlyard_api.errors import TooLarge, Unavailable, UnsupportedMediaType
 from verlyard_api.http import Ctx, current_request_id, member, principal_of, viewer
-from verlyard_api.openapi import error_responses
+from verlyard_api.openapi import DATASET_NAME_PATTERN, documented_header, error_responses
 from verlyard_api.services import Svc
 from verlyard_shared.envelope import Metadata, NewEvent
 from verlyard_shared.store.port import NO_STREAM
@@ -102,15 +103,22 @@ async def _out(store: DatasetStore | None, record: DatasetRecord, *, rows: int |
     guards=[member],
     status_code=201,
     request_max_body_size=None,  # the configurable dataset limit is enforced while streaming (413)
+    response_headers=[documented_header("Location", "the new dataset's URL")],
     summary="Upload a dataset (the raw file as the body; streamed, sha256, stored content-addressed)",
-    responses=error_responses(400, 403, 413, 415, 422),
+    responses={200: ResponseSpec(DatasetOut, description="The name already points at these exact bytes")}
+    | error_responses(400, 403, 413, 415, 422),
 )
 async def upload_dataset(
     request: Request[Any, Any, Any],
     ctx: Ctx,
     svc: Svc,
     name: Annotated[
-        str | None, QueryParameter(description="[a-z0-9][a-z0-9._-]{0,62}; default: from the filename")
+        str | None,
+        QueryParameter(
+            # Documented only: choose_name answers 422 invalid_name with the rule spelled out.
+            schema_extra={"min_length": 1, "max_length": 63, "pattern": DATASET_NAME_PATTERN},
+            description="[a-z0-9][a-z0-9._-]{0,62} without '..'; default: from the filename",
+        ),
     ] = None,
     filename: Annotated[str | None, QueryParameter(max_length=255, description="the file's original name")] = None,
 ) -> Response[DatasetOut]:
@@ -174,7 +182,7 @@ async def upload_dataset(
     return Response(await _out(store, record), status_code=201, headers={"Location": f"/api/v1/datasets/{dataset_id}"})
 
 
-@get("/api/v1/datasets", guards=[viewer], summary="Datasets (each name's latest upload)")
+@get("/api/v1/datasets", guards=[viewer], summary="Datasets (each name's latest upload)", responses=error_responses())
 async def list_datasets(ctx: Ctx, svc: Svc) -> DatasetPage:
     latest = latest_by_name(await _records(ctx))
     return DatasetPage(items=[await _out(svc.datasets, latest[n]) for n in sorted(latest)])

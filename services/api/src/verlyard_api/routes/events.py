@@ -5,6 +5,7 @@ Nothing here, nor anywhere in the API, changes or deletes an event (the table re
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final
@@ -21,7 +22,14 @@ from verlyard_api.context import ApiContext
 from verlyard_api.errors import BadRequest
 from verlyard_api.http import Ctx, EventStream, viewer
 from verlyard_api.models import EventOut, EventPage
-from verlyard_api.openapi import error_responses
+from verlyard_api.openapi import (
+    MAX_POSITION,
+    POSITION_PATTERN,
+    component,
+    error_responses,
+    event_stream,
+    sse_event,
+)
 from verlyard_shared.codec import to_public
 from verlyard_shared.events import event_type
 from verlyard_shared.store.port import StoreUnavailable
@@ -33,6 +41,7 @@ POLL_S: Final = 1.0
 """A follower looks for new events at least this often (notifications usually wake it sooner)."""
 KEEPALIVE_S: Final = 15.0
 RETRY_MS: Final = 1000
+_POSITION: Final = re.compile(r"[0-9]{1,18}")
 
 _json = msgspec.json.Encoder()
 
@@ -42,18 +51,16 @@ def _wants_stream(request: Request[Any, Any, Any], follow: bool) -> bool:
 
 
 def _last_event_id(value: str | None) -> int | None:
-    if value is None or value.strip() == "":
+    """The position of a Last-Event-ID header (POSITION_PATTERN); None when absent or empty."""
+    text = (value or "").strip(" \t")
+    if not text:
         return None
-    try:
-        position = int(value.strip())
-    except ValueError:
+    if not _POSITION.fullmatch(text):
         raise BadRequest(
             "Last-Event-ID must be an event position (the `id:` of the last event received)",
-            issues=[{"path": "Last-Event-ID", "message": "not an integer position", "line": None}],
-        ) from None
-    if position < 0:
-        raise BadRequest("Last-Event-ID must not be negative")
-    return position
+            issues=[{"path": "Last-Event-ID", "message": "not an event position", "line": None}],
+        )
+    return int(text)
 
 
 @get(
@@ -61,21 +68,30 @@ def _last_event_id(value: str | None) -> int | None:
     guards=[viewer],
     summary="The global event log from a position (JSON page, or a live SSE stream with follow=true)",
     responses=error_responses(400),
+    operation_class=event_stream(sse_event(component("EventOut"), id_pattern="^[0-9]+$"), json_twin=True),
 )
 async def list_events(
     request: Request[Any, Any, Any],
     ctx: Ctx,
-    after: Annotated[int, QueryParameter(ge=0, description="return events with a position greater than this")] = 0,
+    after: Annotated[
+        int, QueryParameter(ge=0, le=MAX_POSITION, description="return events with a position greater than this")
+    ] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     follow: Annotated[
         bool, QueryParameter(description="stream new events as Server-Sent Events (also: Accept: text/event-stream)")
     ] = False,
     last_event_id: Annotated[
-        str | None, HeaderParameter(name="Last-Event-ID", required=False, description="resume a stream after this")
-    ] = None,
+        str,
+        HeaderParameter(
+            name="Last-Event-ID",
+            required=False,
+            schema_extra={"pattern": POSITION_PATTERN},  # documented; _last_event_id answers 400
+            description="resume a stream after this",
+        ),
+    ] = "",
 ) -> EventPage:
+    resume = _last_event_id(last_event_id)  # checked on pages too: a malformed header is a 400 either way
     if _wants_stream(request, follow):
-        resume = _last_event_id(last_event_id)
         start = max(after, resume) if resume is not None else after
         stream = EventStream(_follow(ctx, start))
         return stream  # type: ignore[return-value]  # the SSE twin of this route

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Final
 import msgspec
 import structlog
 from litestar import Request, get
+from litestar.openapi.spec import Schema
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEventMessage
 
@@ -20,7 +22,14 @@ from verlyard_api.adapters.pg_telemetry_listen import wait_any
 from verlyard_api.context import ApiContext
 from verlyard_api.cursor import decode_offset
 from verlyard_api.http import Ctx, EventStream, viewer
-from verlyard_api.openapi import error_responses
+from verlyard_api.openapi import (
+    MAX_POSITION,
+    POSITION_PATTERN,
+    component,
+    error_responses,
+    event_stream,
+    sse_event,
+)
 from verlyard_api.routes.metrics import load_stage, resolve_attempt
 from verlyard_api.services import Services, Svc
 from verlyard_api.views import ATTEMPT_ACTIVE
@@ -57,6 +66,27 @@ class LogPage(msgspec.Struct, kw_only=True):
     guards=[viewer],
     summary="A stage attempt's log lines (offset pages; follow=true streams them as SSE until the attempt ends)",
     responses=error_responses(400, 404),
+    operation_class=event_stream(
+        Schema(
+            one_of=[
+                sse_event(component("LogLineOut"), event=Schema(const="log"), id_pattern="^[0-9]+$"),
+                sse_event(
+                    Schema(
+                        type=OpenAPIType.OBJECT,
+                        required=["attempt", "status", "stage_status", "next"],
+                        properties={
+                            "attempt": Schema(type=[OpenAPIType.STRING, OpenAPIType.NULL]),
+                            "status": Schema(type=[OpenAPIType.STRING, OpenAPIType.NULL]),
+                            "stage_status": Schema(type=[OpenAPIType.STRING, OpenAPIType.NULL]),
+                            "next": Schema(type=OpenAPIType.INTEGER, minimum=0),
+                        },
+                    ),
+                    event=Schema(const="end"),
+                ),
+            ]
+        ),
+        json_twin=True,
+    ),
 )
 async def stage_logs(
     request: Request[Any, Any, Any],
@@ -65,7 +95,9 @@ async def stage_logs(
     pipeline_id: FromPath[str],
     stage: FromPath[str],
     attempt: Annotated[str | None, QueryParameter(description="attempt id or number (default: the latest)")] = None,
-    offset: Annotated[int, QueryParameter(ge=0, description="the first line's offset (0-based line number)")] = 0,
+    offset: Annotated[
+        int, QueryParameter(ge=0, le=MAX_POSITION, description="the first line's offset (0-based line number)")
+    ] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 1000,
     q: Annotated[
         str | None, QueryParameter(max_length=500, description="only lines containing this text (case-insensitive)")
@@ -74,10 +106,16 @@ async def stage_logs(
         bool, QueryParameter(description="stream lines as Server-Sent Events until the attempt ends")
     ] = False,
     last_event_id: Annotated[
-        str | None,
-        HeaderParameter(name="Last-Event-ID", required=False, description="resume a follow after this offset"),
-    ] = None,
+        str,
+        HeaderParameter(
+            name="Last-Event-ID",
+            required=False,
+            schema_extra={"pattern": POSITION_PATTERN},  # documented; decode_offset answers 400
+            description="resume a follow after this offset",
+        ),
+    ] = "",
 ) -> LogPage:
+    resume = decode_offset(last_event_id)  # checked on pages too: a malformed header is a 400 either way
     view = await load_stage(ctx, pipeline_id, stage)
     async with guarded():
         logged = await latest_logged_attempt(ctx.pool, pipeline_id, stage)
@@ -86,7 +124,6 @@ async def stage_logs(
         chosen = view.current.id if view.current is not None else logged
     known = view.attempt(chosen) if chosen is not None else None
     if follow or "text/event-stream" in request.headers.get("accept", ""):
-        resume = decode_offset(last_event_id)
         start = resume + 1 if resume is not None else offset
         return EventStream(_follow(ctx, svc, pipeline_id, stage, chosen, start, q))  # type: ignore[return-value]
     items: list[LogLineOut] = []

@@ -54,7 +54,8 @@ def resolve_attempt(stage: StageView, ref: str | None, extra: list[str]) -> str 
     if ref is None or ref == "":
         return None
     for attempt in stage.attempts:
-        if attempt.id == ref or (ref.isdigit() and attempt.number == int(ref)):
+        # isascii: str.isdigit() accepts digits such as "²" that int() refuses.
+        if attempt.id == ref or (ref.isascii() and ref.isdigit() and attempt.number == int(ref)):
             return attempt.id
     if ref in extra:
         return ref

@@ -44,7 +44,14 @@ from verlyard_api.models import (
     RetryBody,
     pipeline_out,
 )
-from verlyard_api.openapi import SubmitOperation, error_responses
+from verlyard_api.openapi import (
+    MAX_VERSION,
+    STATUS_FILTER_PATTERN,
+    OptionalBodyOperation,
+    SubmitOperation,
+    documented_header,
+    error_responses,
+)
 from verlyard_api.projector import evolve
 from verlyard_api.views import PIPELINE_STATUSES, PipelineView
 from verlyard_shared.codec import to_public
@@ -91,6 +98,7 @@ def spec_format(content_type: str | None) -> Literal["json", "yaml"]:
     request_max_body_size=MAX_SPEC_BYTES,
     summary="Submit a pipeline (JSON or YAML spec)",
     operation_class=SubmitOperation,
+    response_headers=[documented_header("Location", "the new pipeline's URL")],
     responses={200: ResponseSpec(PipelineOut, description="The same Idempotency-Key and body were accepted before")}
     | error_responses(400, 403, 409, 413, 415, 422),
 )
@@ -204,7 +212,8 @@ def decode_cursor(cursor: str) -> int:
 def parse_statuses(status: str | None) -> list[str] | None:
     if status is None or status == "":
         return None
-    wanted = [s.strip() for s in status.split(",") if s.strip()]
+    # Only spaces are ignored around the names: the documented pattern says exactly what is read.
+    wanted = [s.strip(" ") for s in status.split(",") if s.strip(" ")]
     for s in wanted:
         if s not in PIPELINE_STATUSES:
             raise BadRequest(
@@ -219,7 +228,10 @@ async def list_pipelines(
     ctx: Ctx,
     status: Annotated[
         str | None,
-        QueryParameter(description="pending|running|succeeded|failed|cancelled; comma-separated for several"),
+        QueryParameter(
+            description="pending|running|succeeded|failed|cancelled; comma-separated for several",
+            schema_extra={"pattern": STATUS_FILTER_PATTERN},  # documented; parse_statuses answers 400
+        ),
     ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, QueryParameter(description="the `next` value of the previous page")] = None,
@@ -269,7 +281,9 @@ async def get_pipeline(ctx: Ctx, pipeline_id: FromPath[str]) -> PipelineOut:
 async def pipeline_events(
     ctx: Ctx,
     pipeline_id: FromPath[str],
-    after: Annotated[int, QueryParameter(ge=0, description="return events after this stream version")] = 0,
+    after: Annotated[
+        int, QueryParameter(ge=0, le=MAX_VERSION, description="return events after this stream version")
+    ] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 1000,
 ) -> EventPage:
     stream = pipeline_stream(pipeline_id)
@@ -328,6 +342,7 @@ async def _command(
     guards=[member],
     responses=error_responses(400, 403, 404, 409, 413),
     status_code=202,
+    operation_class=OptionalBodyOperation,
     summary="Request cancellation (the scheduler stops running attempts)",
 )
 async def cancel_pipeline(
@@ -348,6 +363,7 @@ async def cancel_pipeline(
     guards=[member],
     responses=error_responses(400, 403, 404, 409, 413),
     status_code=202,
+    operation_class=OptionalBodyOperation,
     summary="Run failed, cancelled and skipped stages again (succeeded stages are kept)",
 )
 async def retry_pipeline(

@@ -17,6 +17,8 @@ from typing import Annotated, Final
 import msgspec
 import structlog
 from litestar import get
+from litestar.openapi.spec import Schema
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEventMessage
 from msgspec.structs import replace
@@ -29,7 +31,14 @@ from verlyard_api.cursor import StreamCursor, decode_cursor
 from verlyard_api.errors import NotFound
 from verlyard_api.http import Ctx, EventStream, viewer
 from verlyard_api.models import EventPage
-from verlyard_api.openapi import error_responses
+from verlyard_api.openapi import (
+    MAX_VERSION,
+    STREAM_CURSOR_PATTERN,
+    component,
+    error_responses,
+    event_stream,
+    sse_event,
+)
 from verlyard_api.services import Services, Svc
 from verlyard_api.views import PIPELINE_TERMINAL
 from verlyard_shared.codec import to_public
@@ -51,25 +60,96 @@ _FINISHED: Final = frozenset({"pipeline.succeeded", "pipeline.failed", "pipeline
 
 _json = msgspec.json.Encoder()
 
+_STRING = Schema(type=OpenAPIType.STRING)
+_INTEGER = Schema(type=OpenAPIType.INTEGER)
+_POINT = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["id", "stage", "attempt", "step", "key", "value"],
+    properties={
+        "id": _INTEGER,
+        "stage": _STRING,
+        "attempt": _STRING,
+        "step": _INTEGER,
+        "key": _STRING,
+        "value": Schema(type=[OpenAPIType.NUMBER, OpenAPIType.NULL]),
+    },
+)
+_LINE = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["id", "stage", "attempt", "offset", "stream", "text"],
+    properties={
+        "id": _INTEGER,
+        "stage": _STRING,
+        "attempt": _STRING,
+        "offset": _INTEGER,
+        "stream": _STRING,
+        "text": _STRING,
+    },
+)
+
+
+_ID = r"^e[0-9]+\.m[0-9]+\.l[0-9]+$"
+
+
+def _one(name: str, value: Schema) -> Schema:
+    """`{name: value}`: the data of the metrics, logs and end messages."""
+    return Schema(type=OpenAPIType.OBJECT, required=[name], properties={name: value})
+
 
 @get(
     "/api/v1/pipelines/{pipeline_id:str}/stream",
     guards=[viewer],
     summary="A pipeline's live stream: events, metric points and log lines as Server-Sent Events",
     description="Each message's `id` is a cursor; reconnect with `Last-Event-ID` (or `?cursor=`) to resume "
-    "exactly after it. The response is `text/event-stream`; the JSON schema shown is that of the audit events.",
+    "exactly after it. The response is `text/event-stream`: `event: <event type>` (data: an audit event), "
+    "`event: metrics`, `event: logs`, and a last `event: end`.",
     responses=error_responses(400, 404),
+    operation_class=event_stream(
+        Schema(
+            one_of=[
+                sse_event(
+                    component("EventOut"),
+                    event=Schema(type=OpenAPIType.STRING, schema_not=Schema(enum=["metrics", "logs", "end"])),
+                    id_pattern=_ID,
+                ),
+                sse_event(
+                    _one("points", Schema(type=OpenAPIType.ARRAY, items=_POINT)),
+                    event=Schema(const="metrics"),
+                    id_pattern=_ID,
+                ),
+                sse_event(
+                    _one("lines", Schema(type=OpenAPIType.ARRAY, items=_LINE)),
+                    event=Schema(const="logs"),
+                    id_pattern=_ID,
+                ),
+                sse_event(_one("cursor", _STRING), event=Schema(const="end"), id_pattern=_ID),
+            ]
+        ),
+        json_twin=False,
+    ),
 )
 async def pipeline_stream_route(
     ctx: Ctx,
     svc: Svc,
     pipeline_id: FromPath[str],
-    cursor: Annotated[str | None, QueryParameter(description="resume after this message id (as Last-Event-ID)")] = None,
+    cursor: Annotated[
+        str | None,
+        QueryParameter(
+            schema_extra={"pattern": STREAM_CURSOR_PATTERN},  # documented; decode_cursor answers 400 invalid_cursor
+            description="resume after this message id (as Last-Event-ID)",
+        ),
+    ] = None,
     metrics: Annotated[bool, QueryParameter(description="include metric points")] = True,
     logs: Annotated[bool, QueryParameter(description="include log lines")] = True,
     last_event_id: Annotated[
-        str | None, HeaderParameter(name="Last-Event-ID", required=False, description="resume after this message id")
-    ] = None,
+        str,
+        HeaderParameter(
+            name="Last-Event-ID",
+            required=False,
+            schema_extra={"pattern": STREAM_CURSOR_PATTERN},
+            description="resume after this message id",
+        ),
+    ] = "",
 ) -> EventPage:
     start = decode_cursor(last_event_id) if last_event_id else decode_cursor(cursor, field="cursor")
     async with guarded():
@@ -99,7 +179,9 @@ async def follow(
         armed = [ctx.wakeup.arm(), svc.telemetry.arm(pipeline_id)]
         try:
             async with guarded(DB_TIMEOUT_S):
-                envelopes = await ctx.store.read_stream(stream_id, after_version=cursor.events, limit=EVENT_BATCH)
+                # Versions are Postgres integers: a cursor past the largest one reads nothing (not an overflow).
+                after = min(cursor.events, MAX_VERSION)
+                envelopes = await ctx.store.read_stream(stream_id, after_version=after, limit=EVENT_BATCH)
                 points = await metrics_after(ctx.pool, pipeline_id, cursor.metrics, TELEMETRY_BATCH) if metrics else []
                 lines = await logs_after(ctx.pool, pipeline_id, cursor.logs, TELEMETRY_BATCH) if logs else []
         except StoreUnavailable as exc:

@@ -9,7 +9,7 @@ from litestar.params import JSONBody, QueryParameter
 
 from verlyard_api.http import Ctx, admin, current_request_id, principal_of
 from verlyard_api.models import TokenCreate, TokenCreated, TokenPage, token_out
-from verlyard_api.openapi import error_responses
+from verlyard_api.openapi import MAX_POSITION, documented_header, error_responses
 from verlyard_shared.envelope import Metadata
 
 
@@ -18,6 +18,7 @@ from verlyard_shared.envelope import Metadata
     guards=[admin],
     status_code=201,
     summary="Create a token (its secret is shown once)",
+    response_headers=[documented_header("Cache-Control", "no-store: the secret is in the body")],
     responses=error_responses(400, 403, 413),
 )
 async def create_token(
@@ -38,7 +39,9 @@ async def create_token(
 @get("/api/v1/tokens", guards=[admin], summary="List tokens (never their secrets)", responses=error_responses(400, 403))
 async def list_tokens(
     ctx: Ctx,
-    after: Annotated[int, QueryParameter(ge=0, description="the `next` value of the previous page")] = 0,
+    after: Annotated[
+        int, QueryParameter(ge=0, le=MAX_POSITION, description="the `next` value of the previous page")
+    ] = 0,
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 100,
 ) -> TokenPage:
     tokens = await ctx.tokens.list(limit=limit, after=after)
