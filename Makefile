@@ -53,6 +53,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 bench: $(STAMP)
+	scripts/trainer-env.sh >/dev/null
 	$(PY) -m bench
 
 clean:

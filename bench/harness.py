@@ -163,8 +163,9 @@ def write_result(result: Result, machine: dict[str, Any], quick: bool) -> Path:
 class Stack:
     """`verlyard up` in a fresh temp home on a free port, with a wide local agent; stopped by `close`."""
 
-    def __init__(self, agent_slots: int = 64) -> None:
+    def __init__(self, agent_slots: int = 64, extra_env: dict[str, str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="verlyard-bench-"))
+        self.extra_env = dict(extra_env or {})
         # Outside a 0700 tmp root: the embedded Postgres runs as an unprivileged user when we are root.
         self.home.chmod(0o755)
         self.port = free_port()
@@ -177,7 +178,7 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 180.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VERLYARD_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VERLYARD_")} | self.extra_env
         log = (self.home / "up-console.log").open("ab")
         self.process = subprocess.Popen(
             [
@@ -238,6 +239,7 @@ class Client:
     """The few API calls the benchmarks make, over one pooled httpx client."""
 
     def __init__(self, stack: Stack, connections: int = 16) -> None:
+        self.stack_home = stack.home
         self.http = httpx.AsyncClient(
             base_url=stack.base_url,
             headers={"Authorization": f"Bearer {stack.token}"},

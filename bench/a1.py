@@ -1,0 +1,119 @@
+"""Bench A1 (edge): the same verl SFT run through verlyard vs run directly; plus the agent's idle RSS.
+
+Both runs execute the exact command the agent builds (`verlyard_agent.trainer.build_train_plan`, CPU
+launcher, tiny locally built Qwen2, 10 steps): "direct" runs it as a plain subprocess, "verlyard"
+submits a one-stage pipeline to the running stack. Runs alternate so drift in machine load hits both.
+Overhead = verlyard's submitted -> stage.succeeded (event log) minus the direct wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.harness import Client, Result, at, summary
+from verlyard_agent.trainer import Facts, build_train_plan
+
+NAME = "A1"
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "bench" / "work" / "a1-assets"
+
+
+def trainer_python() -> str | None:
+    python = os.environ.get("VERLYARD_TRAINER_PYTHON") or str(ROOT / ".trainer-venv" / "bin" / "python")
+    return python if Path(python).exists() else None
+
+
+def _assets(python: str) -> Path:
+    if not (ASSETS / "assets.json").is_file():
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        subprocess.run([python, str(ROOT / "scripts" / "make_tiny_assets.py"), str(ASSETS)], check=True)
+    return ASSETS
+
+
+def _params(assets: Path) -> dict[str, Any]:
+    return {
+        "algorithm": "sft",
+        "model": str(assets / "model"),
+        "train_files": [str(assets / "train.parquet")],
+        "val_files": [str(assets / "val.parquet")],
+        "epochs": 1,
+        "batch_size": 16,
+        "lr": 1.0e-3,
+        "save_every": 5,
+        "overrides": {"trainer.total_training_steps": 10},
+    }
+
+
+def _direct(python: str, params: dict[str, Any]) -> float:
+    launcher = ROOT / "services" / "gpu-agent" / "src" / "verlyard_agent" / "launchers" / "verl_cpu_sft.py"
+    with tempfile.TemporaryDirectory(prefix="verlyard-a1-") as tmp:
+        work, stage_dir = Path(tmp) / "work", Path(tmp) / "stage"
+        work.mkdir()
+        stage_dir.mkdir()
+        plan = build_train_plan(
+            params, Facts(trainer_python=python, work_dir=work, stage_dir=stage_dir, cpu_launcher=str(launcher))
+        )
+        start = time.perf_counter()
+        subprocess.run(
+            list(plan.argv),
+            env={**os.environ, **plan.env},
+            cwd=work,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return time.perf_counter() - start
+
+
+async def _through_verlyard(client: Client, params: dict[str, Any], i: int) -> float:
+    pipeline_id = await client.submit({"name": f"a1-{i}", "stages": {"train": {"kind": "train", "with": params}}})
+    events = await client.wait_events(pipeline_id, timeout_s=600, poll_s=0.05)
+    if not any(e["type"] == "pipeline.succeeded" for e in events):
+        raise RuntimeError(f"A1 pipeline {pipeline_id} did not succeed: {[e['type'] for e in events]}")
+    return at(events, "stage.succeeded", "train") - at(events, "pipeline.submitted")
+
+
+def _agent_rss_mb(home: Path) -> float:
+    pid = int((home / "run" / "agent.pid").read_text())
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+async def run(client: Client, quick: bool) -> Result:
+    python = trainer_python()
+    if python is None:
+        raise RuntimeError("A1 needs the trainer env: run scripts/trainer-env.sh (make bench does)")
+    repeats = 2 if quick else 3
+    result = Result(NAME, "verl SFT through verlyard vs directly (tiny model, CPU, 10 steps)", {"repeats": repeats})
+    idle_rss = _agent_rss_mb(client.stack_home)
+    assets = await asyncio.to_thread(_assets, python)
+    params = _params(assets)
+    direct: list[float] = []
+    through: list[float] = []
+    for i in range(repeats):
+        direct.append(await asyncio.to_thread(_direct, python, params))
+        through.append(await _through_verlyard(client, params, i))
+    overhead = [t - d for t, d in zip(through, direct, strict=True)]
+    d50, t50 = statistics.median(direct), statistics.median(through)
+    result.raw = {"direct_s": direct, "verlyard_s": through, "overhead_s": overhead, "agent_idle_rss_mb": idle_rss}
+    result.summaries = {k: summary(v) for k, v in result.raw.items() if isinstance(v, list)}
+    allowed = max(0.03 * d50, 1.0)
+    result.check(
+        "overhead (median verlyard - median direct)",
+        f"<= max(3%, 1 s) = {allowed:.2f} s",
+        t50 - d50,
+        lambda v: v <= allowed,
+        unit="s",
+    )
+    result.check("wall-time ratio verlyard/direct", "(reported)", t50 / d50, lambda v: True, unit="x")
+    result.check("agent idle RSS", "<= 80 MB", idle_rss, lambda v: v <= 80, unit="MB")
+    result.notes.append(f"direct median {d50:.2f} s, through verlyard median {t50:.2f} s")
+    return result
