@@ -114,6 +114,8 @@ class CheckpointSaved(Event, tag="checkpoint.saved", frozen=True, kw_only=True):
     attempt: str
     step: int
     path: str
+    size_bytes: int | None = None
+    """Total size of the checkpoint folder's files, as the agent measured it."""
 
 
 class StageSucceeded(Event, tag="stage.succeeded", frozen=True, kw_only=True):

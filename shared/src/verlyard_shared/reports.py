@@ -66,6 +66,8 @@ class AttemptProgressReport(AttemptReport, tag="rpt.progress", frozen=True, kw_o
 class CheckpointReport(AttemptReport, tag="rpt.checkpoint", frozen=True, kw_only=True):
     step: int
     path: str
+    size_bytes: int | None = None
+    """Total size of the checkpoint folder's files (None: not measured)."""
 
 
 class AttemptFinishedReport(AttemptReport, tag="rpt.finished", frozen=True, kw_only=True):

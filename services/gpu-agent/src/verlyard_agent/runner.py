@@ -64,6 +64,15 @@ class RunnerServices:
     probe: GpuProbe | None = None
 
 
+def folder_size(path: str) -> int | None:
+    """Total bytes of the files under `path` (a checkpoint folder); None when it cannot be read."""
+    root = Path(path)
+    try:
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else root.stat().st_size
+    except OSError:
+        return None
+
+
 def _watchdog_policy(params: Mapping[str, Any], default: WatchdogPolicy) -> WatchdogPolicy | None:
     """`with: {watchdog: false}` turns it off; `with: {watchdog: {floor_s: 600, factor: 20}}` tunes it."""
     raw = params.get("watchdog")
@@ -210,12 +219,14 @@ class AttemptRun:
             self._progress_timer = asyncio.get_running_loop().call_later(max(0.0, due - now), self._flush_progress)
 
     def checkpoint(self, step: int, path: str) -> None:
-        self.log(f"checkpoint of step {step} complete: {path}")
+        size = folder_size(path)
+        self.log(f"checkpoint of step {step} complete: {path} ({size} bytes)")
         self._services.outbox.report(
             CheckpointReport(
                 **self._header(),
                 step=step,
                 path=path,
+                size_bytes=size,
             )
         )
 

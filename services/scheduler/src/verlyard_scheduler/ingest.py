@@ -104,7 +104,16 @@ def admit_report(state: PipelineState | None, report: AnyAttemptReport) -> list[
             # Kept even when it arrives after the attempt finished: a retry resumes from it.
             if stage.checkpoint_step is not None and report.step <= stage.checkpoint_step:
                 return []
-            return [CheckpointSaved(pipeline_id=pid, stage=name, attempt=aid, step=report.step, path=report.path)]
+            return [
+                CheckpointSaved(
+                    pipeline_id=pid,
+                    stage=name,
+                    attempt=aid,
+                    step=report.step,
+                    path=report.path,
+                    size_bytes=report.size_bytes,
+                )
+            ]
         case AttemptFinishedReport():
             return _finished(state, attempt, report)
         case _:
