@@ -79,11 +79,11 @@ async def test_ensure_topology_updates_what_drifted_and_refuses_what_cannot_chan
 
 
 async def test_a_durable_whose_deliver_policy_changed_is_refused(js: JetStreamContext) -> None:
-    events_consumer = next(c for c in CONSUMERS if c.deliver_policy == "new")
-    await js.delete_consumer(events_consumer.stream, events_consumer.durable)
-    await js.add_consumer(
-        events_consumer.stream, consumer_config(events_consumer).evolve(deliver_policy=DeliverPolicy.ALL)
-    )
+    # A durable on a limits stream (work-queue streams only admit deliver-all consumers).
+    consumer = next(c for c in CONSUMERS if c.stream == subjects.STREAM_METRICS)
+    assert consumer.deliver_policy == "all"
+    await js.delete_consumer(consumer.stream, consumer.durable)
+    await js.add_consumer(consumer.stream, consumer_config(consumer).evolve(deliver_policy=DeliverPolicy.NEW))
     with pytest.raises(TopologyError, match="deliver"):
         await ensure_topology(js)
 
