@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -49,30 +50,56 @@ class EventListener:
         self._pool = pool
         self.wakeup = wakeup
 
-    def _on_notify(self, *_: Any) -> None:
-        self.wakeup.notify()
-
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.2
-        while not stop.is_set():
-            conn: Any = None
-            try:
-                async with asyncio.timeout(5):
-                    conn = await self._pool.acquire()
-                    await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                delay = 0.2
-                self.wakeup.notify()  # appends made while we were not listening
-                while not stop.is_set() and not conn.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
-            except Exception as exc:  # Postgres down: retry with backoff; readers keep polling meanwhile
-                log.warning("listen_failed", error=type(exc).__name__, retry_in_s=delay)
+        # Every append may matter to every reader: wake them all, whatever the payload.
+        await listen(
+            self._pool,
+            NOTIFY_CHANNEL,
+            lambda _payload: self.wakeup.notify(),
+            self.wakeup.notify,
+            stop,
+            failure="listen_failed",
+        )
+
+
+async def listen(
+    pool: asyncpg.Pool,
+    channel: str,
+    on_payload: Callable[[str], None],
+    on_connected: Callable[[], None],
+    stop: asyncio.Event,
+    *,
+    failure: str,
+) -> None:
+    """LISTEN on `channel` over one pooled connection until `stop`, calling `on_payload` per notification.
+
+    `on_connected` runs after each (re)connect, for what committed while nobody listened. A lost
+    connection is retried with backoff; readers keep polling meanwhile, so it costs latency only.
+    """
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        on_payload(payload)
+
+    delay = 0.2
+    while not stop.is_set():
+        conn: Any = None
+        try:
+            async with asyncio.timeout(5):
+                conn = await pool.acquire()
+                await conn.add_listener(channel, on_notify)
+            delay = 0.2
+            on_connected()
+            while not stop.is_set() and not conn.is_closed():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
-                    with contextlib.suppress(Exception):
-                        await self._pool.release(conn, timeout=2)
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        except Exception as exc:  # Postgres down: retry with backoff
+            log.warning(failure, channel=channel, error=type(exc).__name__, retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 5.0)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.remove_listener(channel, on_notify)
+                with contextlib.suppress(Exception):
+                    await pool.release(conn, timeout=2)

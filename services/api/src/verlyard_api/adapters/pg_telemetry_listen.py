@@ -8,13 +8,11 @@ a lost notification costs latency, never data.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Any, Final
+from typing import Final
 
 import asyncpg
-import structlog
 
-log = structlog.get_logger("verlyard.api.telemetry_listen")
+from verlyard_api.adapters.pg_listen import listen
 
 TELEMETRY_CHANNEL: Final = "verlyard_telemetry"
 """Payload: the pipeline id whose metric points or log lines just committed."""
@@ -50,33 +48,15 @@ class TelemetryListener:
         self._pool = pool
         self.wakeup = wakeup
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self.wakeup.notify(payload)
-
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.2
-        while not stop.is_set():
-            conn: Any = None
-            try:
-                async with asyncio.timeout(5):
-                    conn = await self._pool.acquire()
-                    await conn.add_listener(TELEMETRY_CHANNEL, self._on_notify)
-                delay = 0.2
-                self.wakeup.notify_all()  # rows committed while we were not listening
-                while not stop.is_set() and not conn.is_closed():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)
-            except Exception as exc:  # Postgres down: retry with backoff; followers keep polling meanwhile
-                log.warning("telemetry_listen_failed", error=type(exc).__name__, retry_in_s=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.remove_listener(TELEMETRY_CHANNEL, self._on_notify)
-                    with contextlib.suppress(Exception):
-                        await self._pool.release(conn, timeout=2)
+        await listen(
+            self._pool,
+            TELEMETRY_CHANNEL,
+            self.wakeup.notify,
+            self.wakeup.notify_all,
+            stop,
+            failure="telemetry_listen_failed",
+        )
 
 
 async def wait_any(events: list[asyncio.Event], timeout: float) -> bool:
