@@ -1,19 +1,27 @@
-"""Unit: the local report journal (append, publish in order, survive restarts, compact)."""
+"""Unit: the local report journal (append, group-commit sync, publish in order, survive restarts, compact)
+and the attempt records' deferred durability."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.journal import Journal
+from verlyard_agent.lifecycle import AttemptRecord
 
 
-def test_entries_come_back_in_order_until_published(tmp_path: Path):
+async def test_entries_come_back_in_order_until_published(tmp_path: Path):
     j = Journal(tmp_path / "r.jsonl", fsync=True)
     for i in range(5):
         j.append("vy.rpt.a.x", f"id-{i}", b'{"n": %d}' % i)
     assert j.backlog == 5
+    assert j.peek(2) == [], "nothing is handed out for publishing before it is synced"
+    await j.sync()
+    assert j.synced_seq == 5
     first = j.peek(2)
     assert [e.msg_id for e in first] == ["id-0", "id-1"] and bytes(first[0].data) == b'{"n": 0}'
     j.mark_published(first[0])
@@ -24,14 +32,15 @@ def test_entries_come_back_in_order_until_published(tmp_path: Path):
     j.close()
 
 
-def test_a_restart_replays_only_what_was_not_published(tmp_path: Path):
+async def test_a_restart_replays_only_what_was_not_published(tmp_path: Path):
     path = tmp_path / "r.jsonl"
     j = Journal(path, fsync=True)
     for i in range(3):
         j.append("s", f"id-{i}", b"{}")
+    await j.sync()
     j.mark_published(j.peek(1)[0])
     j.close()
-    again = Journal(path, fsync=True)
+    again = Journal(path, fsync=True)  # what a process left behind is synced when the journal reopens
     assert again.backlog == 2 and [e.msg_id for e in again.peek()] == ["id-1", "id-2"]
     assert again.append("s", "id-3", b"{}") == 4, "sequence numbers continue"
     again.close()
@@ -63,3 +72,34 @@ def test_the_file_is_truncated_once_everything_is_published(tmp_path: Path):
     again = Journal(path, fsync=False)
     assert [e.msg_id for e in again.peek()] == ["id-10"]
     again.close()
+
+
+async def test_concurrent_syncs_share_one_fsync_and_cover_everything_appended(tmp_path: Path):
+    j = Journal(tmp_path / "r.jsonl", fsync=True)
+    for i in range(3):
+        j.append("s", f"id-{i}", b"{}")
+    await asyncio.gather(j.sync(), j.sync(), j.sync())
+    assert j.synced_seq == 3 and [e.seq for e in j.peek()] == [1, 2, 3]
+    j.append("s", "id-3", b"{}")
+    assert [e.seq for e in j.peek()] == [1, 2, 3], "the unsynced 4th waits for the next sync"
+    await j.sync()
+    assert [e.seq for e in j.peek()] == [1, 2, 3, 4]
+    j.close()
+
+
+def test_a_journal_that_is_not_durable_hands_entries_out_at_once(tmp_path: Path):
+    j = Journal(tmp_path / "t.jsonl", fsync=False)
+    j.append("s", "id-0", b"{}")
+    assert j.synced_seq == 1 and [e.msg_id for e in j.peek()] == ["id-0"]
+    j.close()
+
+
+async def test_attempt_records_are_visible_at_once_and_durable_after_sync(tmp_path: Path):
+    store = AttemptStore(tmp_path)
+    record = AttemptRecord(
+        attempt="a1", pipeline_id="p", stage="s", kind="noop", state="accepted", updated_at=datetime.now(UTC)
+    )
+    store.put(record)
+    assert store.get("a1") == record and store.unsynced == 1
+    await store.sync()
+    assert store.unsynced == 0 and AttemptStore(tmp_path).get("a1") == record

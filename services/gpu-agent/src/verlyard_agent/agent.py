@@ -409,7 +409,10 @@ class Agent:
     async def _on_command(self, command: AnyCommand) -> Verdict:
         match command:
             case RunStage():
-                return self._on_run(command)
+                verdict = self._on_run(command)
+                if self.store is not None:  # the accepted record is durable before the command is acked
+                    await self.store.sync()
+                return verdict
             case CancelAttempt():
                 return self._on_cancel(command)
             case DrainAgent():

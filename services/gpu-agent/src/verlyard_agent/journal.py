@@ -6,10 +6,16 @@ payload) and `<name>.cursor` (the last published seq and the byte offset after i
 atomically). Publishing again after a crash between publish and cursor write is harmless: the
 Nats-Msg-Id dedupes it, and the scheduler ignores a report it already reflects. The file is
 truncated once everything in it is published and it has grown past `compact_bytes`.
+
+A durable journal is group-committed: `append` only writes (a process crash keeps what the kernel
+has), and `sync` fsyncs everything appended so far in a worker thread, so many entries share one
+fsync and the event loop never blocks on the disk. Nothing is handed out for publishing (`peek`)
+before it is synced, so NATS never holds an entry a power loss could take back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -53,9 +59,14 @@ class Journal:
             self._read_offset = 0
         self._next_seq = max(self._published_seq, self._scan_last_seq()) + 1
         self._file = path.open("ab", buffering=0)
+        if fsync:  # what a crashed process left in the page cache becomes durable before it is published
+            os.fsync(self._file.fileno())
         self._buffer: list[tuple[JournalEntry, int]] = []
         """Entries read from the file but not yet published, with the offset after each."""
         self._scanned_to = self._read_offset
+        self._synced_seq = self._next_seq - 1
+        """Entries up to here are durable (everything, when the journal is not durable)."""
+        self._sync_lock = asyncio.Lock()
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -103,16 +114,31 @@ class Journal:
     # -- writing -----------------------------------------------------------------------------------
 
     def append(self, subject: str, msg_id: str, data: bytes) -> int:
-        """Append one entry (flushed; fsynced when the journal is durable) and return its seq."""
+        """Append one entry (written through to the kernel; durable after the next `sync`), return its seq."""
         seq = self._next_seq
         self._next_seq += 1
         line = _encoder.encode(JournalEntry(seq=seq, subject=subject, msg_id=msg_id, data=msgspec.Raw(data)))
         self._file.write(line + b"\n")
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        if not self.fsync:
+            self._synced_seq = seq
         if self.on_append is not None:
             self.on_append()
         return seq
+
+    @property
+    def synced_seq(self) -> int:
+        """The last entry that is durable."""
+        return self._synced_seq
+
+    async def sync(self) -> None:
+        """Make everything appended so far durable with one fsync in a worker thread (group commit:
+        callers arriving while one runs share the next)."""
+        async with self._sync_lock:
+            target = self._next_seq - 1
+            if target <= self._synced_seq:
+                return
+            await asyncio.to_thread(os.fsync, self._file.fileno())
+            self._synced_seq = max(self._synced_seq, target)
 
     # -- publishing --------------------------------------------------------------------------------
 
@@ -122,10 +148,10 @@ class Journal:
         return self._next_seq - 1 - self._published_seq
 
     def peek(self, limit: int = 64) -> list[JournalEntry]:
-        """The next unpublished entries, in order (at most `limit`)."""
+        """The next unpublished, durable entries, in order (at most `limit`)."""
         if len(self._buffer) < limit:
             self._read_more(limit - len(self._buffer))
-        return [entry for entry, _ in self._buffer[:limit]]
+        return [entry for entry, _ in self._buffer[:limit] if entry.seq <= self._synced_seq]
 
     def _read_more(self, wanted: int) -> None:
         with self.path.open("rb") as f:

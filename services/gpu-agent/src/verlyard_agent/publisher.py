@@ -1,4 +1,4 @@
-"""Adapter: publish a journal's entries to JetStream, in order, one at a time, with their Nats-Msg-Id.
+"""Adapter: publish a journal's entries to JetStream, in order, pipelined in batches, with their Nats-Msg-Id.
 
 While NATS is away it waits and retries the same entry (attempts keep running and keep journaling);
 on reconnect it replays the backlog in order. An entry NATS refuses for good (too large, rejected
@@ -63,26 +63,36 @@ class JournalPublisher:
                 delay = min(delay * 2, 2.0)
 
     async def _publish_some(self) -> bool:
-        """Publish the next entries; False when NATS failed (the same entry is retried later)."""
+        """Publish the next entries; False when NATS failed (the failed entry and those after it are
+        retried later; any of them that did arrive is deduplicated by its Nats-Msg-Id)."""
         js = self._js
         assert js is not None
-        for entry in self.journal.peek(self.batch):
-            try:
-                await js.publish(
-                    entry.subject, bytes(entry.data), headers={"Nats-Msg-Id": entry.msg_id}, timeout=self.timeout_s
-                )
-            except (MaxPayloadError, BadRequestError) as exc:
+        await self.journal.sync()  # one fsync for everything appended since the last batch
+        entries = self.journal.peek(self.batch)
+        # Pipelined: the publishes leave in order on the one connection and their acks are awaited
+        # together, so a batch costs one round trip, not one per entry.
+        outcomes = await asyncio.gather(
+            *(
+                js.publish(e.subject, bytes(e.data), headers={"Nats-Msg-Id": e.msg_id}, timeout=self.timeout_s)
+                for e in entries
+            ),
+            return_exceptions=True,
+        )
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            if isinstance(outcome, MaxPayloadError | BadRequestError):
                 log.error(
                     "journal_entry_refused",
                     journal=self.name,
                     seq=entry.seq,
                     subject=entry.subject,
-                    error=type(exc).__name__,
-                    detail=str(exc),
+                    error=type(outcome).__name__,
+                    detail=str(outcome),
                 )
                 self.journal.skip(entry)
                 continue
-            except Exception as exc:  # disconnected, timed out, no stream yet: all transient here
+            if isinstance(outcome, BaseException):  # disconnected, timed out, no stream yet: transient here
+                if isinstance(outcome, asyncio.CancelledError):
+                    raise outcome
                 now = time.monotonic()
                 if self._failing_since is None:
                     self._failing_since = now
@@ -90,8 +100,8 @@ class JournalPublisher:
                         "journal_publish_failed",
                         journal=self.name,
                         backlog=self.journal.backlog,
-                        error=type(exc).__name__,
-                        detail=str(exc),
+                        error=type(outcome).__name__,
+                        detail=str(outcome),
                     )
                 return False
             self.journal.mark_published(entry)
