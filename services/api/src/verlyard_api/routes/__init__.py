@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from litestar.types import ControllerRouterHandler
 
+from verlyard_api.dashboard import routes as dashboard
 from verlyard_api.routes import admin, agents, datasets, events, logs, metrics, ops, pipelines, stream, tokens
 
 ROUTES: list[ControllerRouterHandler] = [
@@ -17,4 +18,5 @@ ROUTES: list[ControllerRouterHandler] = [
     *agents.HANDLERS,
     *datasets.HANDLERS,
     *ops.HANDLERS,
+    *dashboard.HANDLERS,
 ]

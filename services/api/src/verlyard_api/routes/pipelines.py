@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Final, Literal
 
@@ -184,6 +185,7 @@ SELECT p.id, p.name, p.status, p.created_at, p.finished_at, p.updated_at, p.labe
 FROM pipelines p
 WHERE ($1::text[] IS NULL OR p.status = ANY($1::text[]))
   AND ($2::bigint IS NULL OR p.submitted_position < $2::bigint)
+  AND ($4::text IS NULL OR strpos(p.name, $4::text) > 0)
 ORDER BY p.submitted_position DESC
 LIMIT $3
 """
@@ -223,6 +225,22 @@ def parse_statuses(status: str | None) -> list[str] | None:
     return wanted or None
 
 
+NAME_SEARCH_PATTERN: Final = "^[a-z0-9-]{0,63}$"
+_NAME_SEARCH: Final = re.compile(NAME_SEARCH_PATTERN)
+
+
+def parse_name_search(q: str | None) -> str | None:
+    """`q=`: a part of a pipeline name (names are `[a-z0-9][a-z0-9-]{0,62}`); None when empty."""
+    if not q:
+        return None
+    if not _NAME_SEARCH.fullmatch(q):
+        raise BadRequest(
+            "q must be part of a pipeline name: lower-case letters, digits and '-', at most 63",
+            issues=[{"path": "q", "message": "not part of a pipeline name", "line": None}],
+        )
+    return q
+
+
 @get("/api/v1/pipelines", guards=[viewer], summary="List pipelines, newest first", responses=error_responses(400))
 async def list_pipelines(
     ctx: Ctx,
@@ -235,11 +253,19 @@ async def list_pipelines(
     ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, QueryParameter(description="the `next` value of the previous page")] = None,
+    q: Annotated[
+        str | None,
+        QueryParameter(
+            description="only pipelines whose name contains this text",
+            schema_extra={"pattern": NAME_SEARCH_PATTERN},  # documented; parse_name_search answers 400
+        ),
+    ] = None,
 ) -> PipelinePage:
     statuses = parse_statuses(status)
+    name_part = parse_name_search(q)
     before = decode_cursor(cursor) if cursor else None
     async with guarded():
-        rows = await ctx.pool.fetch(_LIST, statuses, before, limit + 1)
+        rows = await ctx.pool.fetch(_LIST, statuses, before, limit + 1, name_part)
     items = [
         PipelineSummary(
             id=row["id"],
