@@ -4,9 +4,10 @@ and the attempt records' deferred durability."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from verlyard_agent.attempts import AttemptStore
@@ -103,3 +104,48 @@ async def test_attempt_records_are_visible_at_once_and_durable_after_sync(tmp_pa
     assert store.get("a1") == record and store.unsynced == 1
     await store.sync()
     assert store.unsynced == 0 and AttemptStore(tmp_path).get("a1") == record
+
+
+def _record(attempt: str, state: str, at: datetime) -> AttemptRecord:
+    return AttemptRecord(attempt=attempt, pipeline_id="p", stage="s", kind="noop", state=state, updated_at=at)
+
+
+def test_attempt_records_survive_a_reopen_the_last_change_winning_and_a_torn_line_cut(tmp_path: Path):
+    now = datetime.now(UTC)
+    store = AttemptStore(tmp_path)
+    store.put(_record("a1", "accepted", now))
+    store.put(_record("a1", "running", now))
+    store.put(_record("a2", "accepted", now))
+    store.close()
+    with store.path.open("ab") as f:
+        f.write(b'{"attempt":"a3","pipel')  # a crash mid-append
+    again = AttemptStore(tmp_path)
+    assert [(r.attempt, r.state) for r in again.all()] == [("a1", "running"), ("a2", "accepted")]
+    assert len(again.path.read_bytes().splitlines()) == 2, "reopening rewrites one line per live record"
+    again.close()
+
+
+def test_old_finished_records_are_pruned_and_per_attempt_files_of_older_agents_folded_in(tmp_path: Path):
+    now = datetime.now(UTC)
+    legacy = tmp_path / "attempts"
+    legacy.mkdir()
+    (legacy / "old1.json").write_bytes(msgspec.json.encode(_record("old1", "running", now)))
+    store = AttemptStore(tmp_path)
+    assert store.get("old1") is not None and not (legacy / "old1.json").exists()
+    store.put(_record("done", "finished", now - timedelta(days=40)))
+    store.put(_record("fresh", "finished", now))
+    assert store.prune(now=now, keep=timedelta(days=30)) == 1
+    assert store.get("done") is None and store.get("fresh") is not None
+    store.close()
+    assert {r.attempt for r in AttemptStore(tmp_path).all()} == {"old1", "fresh"}
+
+
+def test_the_log_is_compacted_when_superseded_lines_pile_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("verlyard_agent.attempts.COMPACT_MIN_LINES", 10)
+    now = datetime.now(UTC)
+    store = AttemptStore(tmp_path)
+    for i in range(25):
+        store.put(_record("a1", "running" if i % 2 else "accepted", now))
+    assert len(store.path.read_bytes().splitlines()) < 12
+    assert store.get("a1") == _record("a1", "accepted", now)
+    store.close()

@@ -328,7 +328,13 @@ class Agent:
                 await self._nc.close()
         for journal in (self.reports, self.telemetry):
             if journal is not None:
+                with contextlib.suppress(OSError):
+                    await journal.sync()
                 journal.close()
+        if self.store is not None:
+            with contextlib.suppress(OSError):
+                await self.store.sync()
+            self.store.close()
         if self._lock_handle is not None:
             self._lock_handle.close()
             self._lock_handle = None

@@ -35,6 +35,7 @@ class _Cursor(msgspec.Struct, frozen=True, kw_only=True):
     offset: int = 0
 
 
+_CURSOR_WIDTH = 63
 _entry_decoder = msgspec.json.Decoder(JournalEntry)
 _cursor_decoder = msgspec.json.Decoder(_Cursor)
 _encoder = msgspec.json.Encoder()
@@ -49,6 +50,7 @@ class Journal:
         self.fsync = fsync
         self.compact_bytes = compact_bytes
         self.on_append: Callable[[], None] | None = None
+        self._cursor_fd: int | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         cursor = self._load_cursor()
         self._published_seq = cursor.seq
@@ -186,9 +188,13 @@ class Journal:
         self.mark_published(entry)
 
     def save_cursor(self) -> None:
-        tmp = self.cursor_path.with_suffix(".cursor.tmp")
-        tmp.write_bytes(_encoder.encode(_Cursor(seq=self._published_seq, offset=self._read_offset)))
-        tmp.replace(self.cursor_path)
+        """Overwrite the cursor in place: one small `pwrite`, padded to a fixed width so an older,
+        longer value never leaves a tail. Not fsynced: a cursor behind the truth only re-publishes
+        entries, which their Nats-Msg-Id dedupes."""
+        data = _encoder.encode(_Cursor(seq=self._published_seq, offset=self._read_offset))
+        if self._cursor_fd is None:
+            self._cursor_fd = os.open(self.cursor_path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(self._cursor_fd, data.ljust(_CURSOR_WIDTH) + b"\n", 0)
 
     def _maybe_compact(self) -> None:
         size = os.fstat(self._file.fileno()).st_size
@@ -200,4 +206,7 @@ class Journal:
     def close(self) -> None:
         if self.backlog == 0:
             self.save_cursor()
+        if self._cursor_fd is not None:
+            os.close(self._cursor_fd)
+            self._cursor_fd = None
         self._file.close()
