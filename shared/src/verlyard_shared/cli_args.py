@@ -140,6 +140,10 @@ def add_api_commands(sub: Any) -> None:
     secret.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     secret.add_argument("--key", type=Path, metavar="FILE", help="a private key file")
     p.add_argument("--passphrase-stdin", action="store_true", help="read the key's passphrase from stdin")
+    p.add_argument("--label", action="append", default=[], metavar="K=V", help="a placement label (repeatable)")
+    p.add_argument("--trainer-python", default=None, metavar="PATH", help="the host's Python with verl (python3)")
+    p.add_argument("--root", default=None, metavar="DIR", help="the host's verlyard folder (~/.verlyard)")
+    p.add_argument("--host-key-fingerprint", default=None, metavar="SHA256:...", help="refuse any other host key")
     _json(p)
     p = host_sub.add_parser("ls", help="list hosts", epilog=EXIT_CODES)
     _json(p)
@@ -148,4 +152,10 @@ def add_api_commands(sub: Any) -> None:
     _json(p)
     p = host_sub.add_parser("probe", help="connect, detect GPUs, record the result", epilog=EXIT_CODES)
     p.add_argument("name", metavar="NAME")
+    _json(p)
+    p = host_sub.add_parser(
+        "rotate-key",
+        help="re-encrypt every host credential with the first key of VERLYARD_SECRET_KEY",
+        epilog=EXIT_CODES,
+    )
     _json(p)

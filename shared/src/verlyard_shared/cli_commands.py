@@ -631,6 +631,43 @@ def hosts(settings: Settings, args: argparse.Namespace) -> int:
             raise
 
 
+def _labels(pairs: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--label {pair}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _print_probe(probe: Any) -> None:
+    """A probe result for people: GPUs (or why none), driver/CUDA, disk, verl."""
+    if not isinstance(probe, dict):
+        return
+    if not probe.get("ok"):
+        print(f"probe failed: {probe.get('error')}")
+        return
+    gpus = probe.get("gpus") or []
+    for gpu in gpus:
+        util = gpu.get("utilization_pct")
+        print(
+            f"GPU {gpu.get('index')}: {gpu.get('name')} {gpu.get('memory_total_mb')} MiB "
+            f"({gpu.get('memory_used_mb')} MiB used{f', {util}% busy' if util is not None else ''}) {gpu.get('uuid')}"
+        )
+    if not gpus:
+        print(f"GPUs: none ({probe.get('gpu_note') or 'none found'})")
+    if probe.get("driver_version") or probe.get("cuda_version"):
+        print(f"driver {probe.get('driver_version') or '?'}, CUDA {probe.get('cuda_version') or '?'}")
+    free, total = probe.get("disk_free_bytes"), probe.get("disk_total_bytes")
+    if isinstance(free, int) and isinstance(total, int):
+        print(f"disk: {free / 1024**3:.1f} GiB free of {total / 1024**3:.1f} GiB")
+    if probe.get("verl_version"):
+        print(f"verl {probe['verl_version']} in {probe.get('trainer_python')}")
+    else:
+        print(f"verl: not importable by {probe.get('trainer_python')} ({probe.get('verl_error')})")
+
+
 def _hosts_missing(client: httpx.Client, args: argparse.Namespace) -> bool:
     """A 404 from a server without the hosts API (not a 404 for one unknown host)."""
     if args.hosts_command == "ls":
@@ -660,12 +697,19 @@ def _hosts(client: httpx.Client, args: argparse.Namespace) -> int:
                     raise CliError(f"cannot read the key file {args.key}: {exc.strerror}") from None
                 if args.passphrase_stdin:
                     body["passphrase"] = sys.stdin.readline().rstrip("\n")
+            labels = _labels(getattr(args, "label", None) or [])
+            if labels:
+                body["labels"] = labels
+            for option in ("trainer_python", "root", "host_key_fingerprint"):
+                if getattr(args, option, None):
+                    body[option] = getattr(args, option)
             answer = call(client, "POST", "/api/v1/hosts", json=body)
             if args.json:
                 emit_json(answer)
             else:
                 fingerprint = answer.get("host_key_fingerprint") or answer.get("fingerprint")
                 print(f"added host {args.name}" + (f" (host key {fingerprint} pinned)" if fingerprint else ""))
+                _print_probe(answer.get("probe"))
         case "rm":
             answer = call(client, "DELETE", f"/api/v1/hosts/{path_part(args.name)}")
             if args.json:
@@ -676,9 +720,21 @@ def _hosts(client: httpx.Client, args: argparse.Namespace) -> int:
             answer = call(client, "POST", f"/api/v1/hosts/{path_part(args.name)}/probe")
             if args.json:
                 emit_json(answer)
+            elif isinstance(answer, dict) and isinstance(answer.get("probe"), dict):
+                print(f"host {args.name}: {answer.get('user')}@{answer.get('address')}:{answer.get('port')}")
+                _print_probe(answer["probe"])
             else:
                 for key, value in (answer or {}).items():
                     print(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+        case "rotate-key":
+            answer = call(client, "POST", "/api/v1/admin/hosts/rotate-key")
+            if args.json:
+                emit_json(answer)
+            else:
+                print(
+                    f"credentials sealed with key {answer.get('key_id')}: {answer.get('resealed')} re-encrypted, "
+                    f"{answer.get('already_current')} already current"
+                )
         case _:
             answer = call(client, "GET", "/api/v1/hosts")
             if args.json:

@@ -27,6 +27,7 @@ from verlyard_api.openapi import ClosedStructSchemaPlugin, error_responses, open
 from verlyard_api.ops_http import TimingMiddleware, request_recorder
 from verlyard_api.routes import ROUTES
 from verlyard_api.services import Services
+from verlyard_shared.hosts.vault import KeyRing, VaultError
 from verlyard_shared.logging import configure_logging
 from verlyard_shared.runtime import retry_until, stop_on_signals
 from verlyard_shared.settings import Settings
@@ -138,6 +139,7 @@ async def serve(settings: Settings) -> None:
         if deps.pool is None:
             return
         await migrate(deps.pool)
+        deps.services.key_ring = await open_vault(deps.pool, settings.secret_key)
         ctx = deps.context()
         if os.environ.get("VERLYARD_HOME"):
             # The embedded stack: the first start creates an admin token for the local user.
@@ -193,6 +195,19 @@ async def serve(settings: Settings) -> None:
             with contextlib.suppress(Exception):
                 await deps.pool.close()
         log.info("api_stopped")
+
+
+async def open_vault(pool: asyncpg.Pool, secret_key: str | None) -> KeyRing | None:
+    """Parse VERLYARD_SECRET_KEY and fail closed (SystemExit) when registered hosts could not be opened."""
+    from verlyard_shared.hosts.pg import check_vault
+
+    try:
+        ring = KeyRing.parse(secret_key) if secret_key else None
+        await check_vault(pool, ring)
+    except VaultError as exc:
+        log.error("secret_key_refused", detail=str(exc))
+        raise SystemExit(f"verlyard api: {exc}") from None
+    return ring
 
 
 def main(settings: Settings) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from litestar.types import ControllerRouterHandler
 
 from verlyard_api.dashboard import routes as dashboard
-from verlyard_api.routes import admin, agents, datasets, events, logs, metrics, ops, pipelines, stream, tokens
+from verlyard_api.routes import admin, agents, datasets, events, hosts, logs, metrics, ops, pipelines, stream, tokens
 
 ROUTES: list[ControllerRouterHandler] = [
     *pipelines.HANDLERS,
@@ -17,6 +17,7 @@ ROUTES: list[ControllerRouterHandler] = [
     *stream.HANDLERS,
     *agents.HANDLERS,
     *datasets.HANDLERS,
+    *hosts.HANDLERS,
     *ops.HANDLERS,
     *dashboard.HANDLERS,
 ]
