@@ -1,7 +1,7 @@
 // Cancel and retry buttons, shown only to a token that may use them (the API checks it again).
 
 import { api } from "./api.js";
-import { h } from "./util.js";
+import { h, put } from "./util.js";
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 
@@ -12,10 +12,10 @@ export function actionButtons(p, ctx, status, after) {
     button.disabled = true;
     try {
       await api(`/api/v1/pipelines/${encodeURIComponent(p.id)}/${what}`, { method: "POST", body: {} });
-      status.replaceChildren(h("div", { class: "notice", role: "status" }, what === "cancel" ? "Cancel requested." : "Retry requested."));
+      put(status, h("div", { class: "notice", role: "status" }, what === "cancel" ? "Cancel requested." : "Retry requested."));
       after();
     } catch (err) {
-      status.replaceChildren(h("div", { class: "error", role: "alert" }, err.message));
+      put(status, h("div", { class: "error", role: "alert" }, err.message));
       button.disabled = false;
     }
   };

@@ -2,7 +2,7 @@
 // age; admins can drain one. Heartbeats are not events, so this page polls (every 5 s).
 
 import { api } from "./api.js";
-import { badge, errorBox, h, shortId } from "./util.js";
+import { badge, errorBox, h, shortId, put } from "./util.js";
 
 const REFRESH_MS = 5000;
 
@@ -37,10 +37,10 @@ export function render(main, _args, ctx) {
     button.disabled = true;
     try {
       await api(`/api/v1/agents/${encodeURIComponent(agent.id)}/drain`, { method: "POST", body: {} });
-      status.replaceChildren(h("div", { class: "notice", role: "status" }, `Drain requested for ${agent.hostname}.`));
+      put(status, h("div", { class: "notice", role: "status" }, `Drain requested for ${agent.hostname}.`));
       load();
     } catch (err) {
-      status.replaceChildren(errorBox(err));
+      put(status, errorBox(err));
       button.disabled = false;
     }
   }
@@ -48,8 +48,8 @@ export function render(main, _args, ctx) {
   async function load() {
     try {
       const page = await api("/api/v1/agents");
-      if (page.items.length === 0) { body.replaceChildren(h("p", { class: "muted" }, "No agent has registered yet.")); return; }
-      body.replaceChildren(h("table", { id: "agents" },
+      if (page.items.length === 0) { put(body, h("p", { class: "muted" }, "No agent has registered yet.")); return; }
+      put(body, h("table", { id: "agents" },
         h("thead", {}, h("tr", {}, ["Agent", "State", "GPUs", "Running", "Heartbeat", ctx.can("admin") ? "Actions" : null].filter(Boolean).map((c) => h("th", { scope: "col" }, c)))),
         h("tbody", {}, page.items.map((a) => h("tr", { "data-agent": a.id },
           h("td", {}, h("strong", {}, a.hostname), h("div", { class: "mono muted" }, shortId(a.id)), a.version ? h("div", { class: "muted" }, `v${a.version} · ${a.cpu_slots} CPU slots`) : null),
@@ -63,7 +63,7 @@ export function render(main, _args, ctx) {
             ? h("button", { type: "button", class: "secondary", onclick: (e) => drain(a, e.currentTarget) }, `Drain ${a.hostname}`)
             : h("span", { class: "muted" }, "—")) : null)))));
     } catch (err) {
-      body.replaceChildren(errorBox(err));
+      put(body, errorBox(err));
     }
   }
 

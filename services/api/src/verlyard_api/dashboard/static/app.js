@@ -2,7 +2,7 @@
 // refresh or a shared link shows the same view). Each page renders into <main> and returns a cleanup.
 
 import { api, setToken, token, whenUnauthorized } from "./api.js";
-import { h } from "./util.js";
+import { h, put } from "./util.js";
 import * as pipelines from "./pipelines.js";
 import * as pipeline from "./pipeline.js";
 import * as stage from "./stage.js";
@@ -72,7 +72,7 @@ function loginPage(message) {
         render();
       } catch (err) {
         setToken(null);
-        status.replaceChildren(h("div", { class: "error", role: "alert" }, err.status === 401 ? "That token is not valid." : err.message));
+        put(status, h("div", { class: "error", role: "alert" }, err.status === 401 ? "That token is not valid." : err.message));
       }
     },
   },
@@ -82,7 +82,7 @@ function loginPage(message) {
     "On the embedded stack the admin token is in $VERLYARD_HOME/admin-token; create others with `verlyard token create`."),
   h("div", {}, h("button", { type: "submit" }, "Log in")),
   status);
-  main.replaceChildren(h("section", { class: "login panel" }, h("h1", {}, "Log in to verlyard"), form));
+  put(main, h("section", { class: "login panel" }, h("h1", {}, "Log in to verlyard"), form));
   input.focus();
 }
 

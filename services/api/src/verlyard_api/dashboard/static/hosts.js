@@ -2,7 +2,7 @@
 // credential is never rendered, whatever a future API adds.
 
 import { api } from "./api.js";
-import { badge, errorBox, h, when } from "./util.js";
+import { badge, errorBox, h, when, put } from "./util.js";
 
 const SECRET = /pass|secret|private|token|credential|key_?(data|material|pem)|^key$/i;
 
@@ -20,10 +20,10 @@ export function render(main) {
     try {
       const page = await api("/api/v1/hosts");
       if (!page.items || page.items.length === 0) {
-        body.replaceChildren(h("p", { class: "muted" }, "No SSH hosts yet. Add one with `verlyard hosts add`."));
+        put(body, h("p", { class: "muted" }, "No SSH hosts yet. Add one with `verlyard hosts add`."));
         return;
       }
-      body.replaceChildren(h("table", { id: "hosts" },
+      put(body, h("table", { id: "hosts" },
         h("thead", {}, h("tr", {}, ["Host", "Address", "State", "GPUs", "Probe", "Probed"].map((c) => h("th", { scope: "col" }, c)))),
         h("tbody", {}, page.items.map((x) => h("tr", {},
           h("td", {}, h("strong", {}, x.name), x.agent ? h("div", { class: "mono muted" }, x.agent) : null),
@@ -34,8 +34,8 @@ export function render(main) {
           h("td", {}, when(x.probed_at)))))));
     } catch (err) {
       if (err.status === 404 || err.status === 405) {
-        body.replaceChildren(h("p", { class: "muted" }, "This API serves no hosts list (SSH hosts are not available here)."));
-      } else body.replaceChildren(errorBox(err));
+        put(body, h("p", { class: "muted" }, "This API serves no hosts list (SSH hosts are not available here)."));
+      } else put(body, errorBox(err));
     }
   })();
   return null;

@@ -5,7 +5,7 @@ import { api } from "./api.js";
 import { actionButtons } from "./actions.js";
 import { drawDag } from "./dag.js";
 import { follow } from "./sse.js";
-import { badge, debounce, duration, errorBox, h, shortId, span, when } from "./util.js";
+import { badge, debounce, duration, errorBox, h, shortId, span, when, put } from "./util.js";
 
 export function render(main, { id }, ctx) {
   const enc = encodeURIComponent(id);
@@ -24,7 +24,7 @@ export function render(main, { id }, ctx) {
   async function load() {
     try {
       const p = await api(`/api/v1/pipelines/${enc}`);
-      head.replaceChildren(
+      put(head, 
         h("div", { class: "row" }, h("h1", {}, p.name), badge(p.status), p.cancel_requested && p.status === "running" ? h("span", { class: "muted" }, "cancel requested") : null),
         h("div", { class: "kv" },
           h("span", { class: "muted" }, "Id"), h("span", { class: "mono" }, p.id),
@@ -32,10 +32,10 @@ export function render(main, { id }, ctx) {
           h("span", { class: "muted" }, "Finished"), h("span", {}, when(p.finished_at)),
           p.reason ? [h("span", { class: "muted" }, "Reason"), h("span", {}, p.reason)] : null),
         actionButtons(p, ctx, status, () => afterAction()));
-      dag.replaceChildren(drawDag(p.id, p.stages));
-      stages.replaceChildren(stageTable(p));
+      put(dag, drawDag(p.id, p.stages));
+      put(stages, stageTable(p));
     } catch (err) {
-      head.replaceChildren(errorBox(err));
+      put(head, errorBox(err));
     }
   }
 
@@ -56,7 +56,8 @@ export function render(main, { id }, ctx) {
 
   function eventRow(ev) {
     const d = ev.data || {};
-    const details = Object.entries(d).filter(([k]) => !["stage", "attempt", "spec"].includes(k))
+    // The stage has its own column; the pipeline id is the page's; empty fields say nothing.
+    const details = Object.entries(d).filter(([k, v]) => v !== null && v !== "" && !["stage", "attempt", "spec", "pipeline_id"].includes(k))
       .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ");
     return h("tr", {},
       h("td", {}, ev.version), h("td", {}, when(ev.recorded_at)), h("td", { class: "mono" }, ev.type),

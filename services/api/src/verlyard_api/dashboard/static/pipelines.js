@@ -3,7 +3,7 @@
 
 import { api, query } from "./api.js";
 import { follow } from "./sse.js";
-import { badge, debounce, errorBox, h, shortId, when } from "./util.js";
+import { badge, debounce, errorBox, h, shortId, when, put } from "./util.js";
 
 const STATUSES = ["", "pending", "running", "succeeded", "failed", "cancelled"];
 const PAGE = 50;
@@ -36,9 +36,9 @@ export function render(main, { params }, ctx) {
     try {
       const page = await api(`/api/v1/pipelines${query({ status, q, cursor, limit: PAGE })}`);
       shown = new Set(page.items.map((p) => p.id));
-      body.replaceChildren(table(page.items), pager(page.next));
+      put(body, table(page.items), pager(page.next));
     } catch (err) {
-      body.replaceChildren(errorBox(err));
+      put(body, errorBox(err));
     }
   }
 

@@ -5,7 +5,7 @@
 import { api, query } from "./api.js";
 import { lineChart } from "./chart.js";
 import { follow } from "./sse.js";
-import { badge, debounce, duration, errorBox, h, span, when } from "./util.js";
+import { badge, debounce, duration, errorBox, h, span, when, put } from "./util.js";
 
 const MAX_POINTS = 600;
 const MAX_LOG_LINES = 2000;
@@ -32,10 +32,10 @@ export function render(main, { id, stage, params }, ctx) {
       const p = await api(`/api/v1/pipelines/${enc}`);
       const st = p.stages[stage];
       if (!st) throw new Error(`pipeline ${p.name} has no stage ${stage}`);
-      head.replaceChildren(
+      put(head, 
         h("p", {}, h("a", { href: `#/pipelines/${enc}` }, `← ${p.name}`)),
         h("div", { class: "row" }, h("h1", {}, stage), badge(st.status), h("span", { class: "muted" }, st.kind)));
-      info.replaceChildren(
+      put(info, 
         st.pending_reason ? h("div", { class: "notice" }, `Pending: ${st.pending_reason}`) : null,
         h("table", { id: "attempts" },
           h("thead", {}, h("tr", {}, ["Attempt", "Status", "Agent", "Started", "Took", "Step", "Failure", "Resumed from"].map((c) => h("th", { scope: "col" }, c)))),
@@ -50,7 +50,7 @@ export function render(main, { id, stage, params }, ctx) {
           h("span", { class: "mono" }, st.checkpoint ? `step ${st.checkpoint.step}: ${st.checkpoint.path}` : "none"),
           Object.entries(st.outputs || {}).map(([k, v]) => [h("span", { class: "muted" }, k), h("span", { class: "mono" }, typeof v === "object" ? JSON.stringify(v) : String(v))])));
     } catch (err) {
-      head.replaceChildren(errorBox(err));
+      put(head, errorBox(err));
     }
   }
 
@@ -64,7 +64,7 @@ export function render(main, { id, stage, params }, ctx) {
 
   function drawPicker() {
     if (keys.length === 0) { picker.replaceChildren(); return; }
-    picker.replaceChildren(h("fieldset", { class: "toolbar" }, h("legend", {}, "Metric keys"),
+    put(picker, h("fieldset", { class: "toolbar" }, h("legend", {}, "Metric keys"),
       keys.map((k, i) => h("span", {},
         h("input", { type: "checkbox", id: `key-${i}`, checked: chosen.includes(k), onchange: (e) => setKeys(e.target.checked ? [...chosen, k] : chosen.filter((c) => c !== k)) }),
         " ", h("label", { for: `key-${i}` }, k)))));
@@ -81,8 +81,8 @@ export function render(main, { id, stage, params }, ctx) {
         keys = [...new Set([...keys, ...m.keys])].sort();
         drawPicker();
       }
-      if (m.keys.length === 0) { charts.replaceChildren(h("p", { class: "muted" }, "No metrics recorded yet.")); return; }
-      charts.replaceChildren(...chosen.filter((k) => m.keys.includes(k)).map((k) => {
+      if (m.keys.length === 0) { put(charts, h("p", { class: "muted" }, "No metrics recorded yet.")); return; }
+      put(charts, ...chosen.filter((k) => m.keys.includes(k)).map((k) => {
         const eff = (m.effective || []).find((e) => e.key === k);
         const own = m.series.filter((x) => x.key === k);
         const curve = eff ? eff.points : own.flatMap((x) => x.points);
@@ -90,7 +90,7 @@ export function render(main, { id, stage, params }, ctx) {
         return lineChart(k, curve, rolled, { downsampled: (eff && eff.downsampled) || own.some((x) => x.downsampled) });
       }));
     } catch (err) {
-      charts.replaceChildren(errorBox(err));
+      put(charts, errorBox(err));
     }
   }
 

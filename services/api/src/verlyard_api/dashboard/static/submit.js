@@ -1,7 +1,7 @@
 // Submit a pipeline: paste YAML (or JSON); the API validates it and its errors are shown at their line.
 
 import { api } from "./api.js";
-import { h } from "./util.js";
+import { h, put } from "./util.js";
 
 const EXAMPLE = `name: demo-noop
 stages:
@@ -37,7 +37,7 @@ export function render(main, _args, ctx) {
         sessionStorage.removeItem("verlyard.draft");
         ctx.go(`/pipelines/${encodeURIComponent(p.id)}`);
       } catch (err) {
-        result.replaceChildren(errors(editor.value, err));
+        put(result, errors(editor.value, err));
         button.disabled = false;
       }
     },

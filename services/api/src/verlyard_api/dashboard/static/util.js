@@ -63,5 +63,11 @@ export function errorBox(err) {
 }
 
 export function shortId(id) {
-  return id ? id.slice(0, 8) : "";
+  return id ? id.slice(-8) : ""; // UUIDv7s share their leading (time) digits
+}
+
+// replaceChildren() that leaves out null and false (replaceChildren itself would show them as text).
+export function put(node, ...children) {
+  node.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
 }
