@@ -36,19 +36,19 @@ class RemoteError(ValueError):
 
 
 def check_host_name(name: str) -> str:
-    if not HOST_NAME.match(name):
+    if not HOST_NAME.fullmatch(name):
         raise RemoteError(f"host name {name!r}: expected {HOST_NAME.pattern}")
     return name
 
 
 def check_user(user: str) -> str:
-    if not USER.match(user):
+    if not USER.fullmatch(user):
         raise RemoteError(f"user {user!r}: expected {USER.pattern}")
     return user
 
 
 def check_program(path: str) -> str:
-    if not PROGRAM.match(path) or path.startswith("-"):
+    if not PROGRAM.fullmatch(path) or path.startswith("-"):
         raise RemoteError(f"program {path!r}: expected a path of {PROGRAM.pattern} not starting with '-'")
     return path
 
@@ -62,17 +62,17 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
         if not sep or (rest and not rest.startswith(":")):
             raise RemoteError(f"address {text!r}: expected [IPV6] or [IPV6]:PORT")
         port_text = rest[1:]
-        if not IPV6.match(host):
+        if not IPV6.fullmatch(host):
             raise RemoteError(f"address {text!r}: not an IPv6 address")
     elif raw.count(":") == 1:
         host, _, port_text = raw.partition(":")
     elif raw.count(":") > 1:
         host = raw
-        if not IPV6.match(host):
+        if not IPV6.fullmatch(host):
             raise RemoteError(f"address {text!r}: not an IPv6 address (write [V6]:PORT with a port)")
     else:
         host = raw
-    if ":" not in host and not HOSTNAME.match(host):
+    if ":" not in host and not HOSTNAME.fullmatch(host):
         raise RemoteError(f"address {text!r}: not a host name or IP address")
     port = default_port
     if port_text:
@@ -108,7 +108,7 @@ def check_root(path: str) -> str:
 
 
 def check_segment(part: str) -> str:
-    if part in (".", "..") or not SEGMENT.match(part):
+    if part in (".", "..") or not SEGMENT.fullmatch(part):
         raise RemoteError(f"path segment {part!r}: expected {SEGMENT.pattern}, not '.' or '..'")
     return part
 
@@ -126,9 +126,10 @@ def under(root: str, *parts: str) -> str:
 
 def relative_under(root: str, relative: str) -> str:
     """A slash-separated relative path (`outputs/eval.json`) below `root`, each segment checked."""
-    if relative.startswith("/"):
+    parts = [p for p in relative.split("/") if p]
+    if relative.startswith("/") or not parts:
         raise RemoteError(f"path {relative!r}: expected a path relative to the host's verlyard folder")
-    return under(root, *(p for p in relative.split("/") if p))
+    return under(root, *parts)
 
 
 def contains(root: str, path: str) -> bool:
@@ -154,7 +155,7 @@ def env_tokens(env: Mapping[str, str]) -> list[str]:
     """`NAME=value` tokens for `env`; names allow-listed, values passed as data (quoted by `command`)."""
     tokens: list[str] = []
     for name in sorted(env):
-        if not ENV_NAME.match(name):
+        if not ENV_NAME.fullmatch(name):
             raise RemoteError(f"environment variable name {name!r}: expected {ENV_NAME.pattern}")
         tokens.append(f"{name}={env[name]}")
     return tokens

@@ -120,7 +120,7 @@ class KeyRing:
             if not entry:
                 continue
             key_id, sep, encoded = entry.partition(":")
-            if not sep or not KEY_ID.match(key_id):
+            if not sep or not KEY_ID.fullmatch(key_id):
                 raise VaultError(
                     f"VERLYARD_SECRET_KEY entry {position}: expected ID:BASE64 with an id of {KEY_ID.pattern}"
                 )
