@@ -189,7 +189,9 @@ class Agent:
             self._spawn(self._watch_link())
             self._spawn(self._send_hello())
             if await self._ensure_consumer():
-                consumer = CommandConsumer(nc.jetstream(), self.agent_id, self._on_command)
+                consumer = CommandConsumer(
+                    nc.jetstream(), self.agent_id, self._on_command, on_poison=self._on_poison_command
+                )
                 self._spawn(consumer.run(self._consumer_stop))
                 self.ready.set()
                 self._log.info("agent_ready")
@@ -457,7 +459,13 @@ class Agent:
                 self.data_dir, pipeline_id=command.pipeline_id, stage=command.stage, attempt=command.attempt
             )
         except ValueError as exc:
+            # Deterministic: every redelivery would fail the same way, so fail the attempt now (T15).
             bound.error("command_poison", error=str(exc))
+            with contextlib.suppress(ValueError, OSError):
+                why = f"poison command: the agent cannot run this RunStage: {exc}"
+                self._end_here(
+                    command.pipeline_id, command.stage, command.attempt, command.spec.kind, "failed", "poison", why
+                )
             return "term"
         paths.work_dir.mkdir(parents=True, exist_ok=True)
         self.store.put(
@@ -501,6 +509,20 @@ class Agent:
         finally:
             self._runs.pop(run.attempt, None)
             self._maybe_exit()
+
+    async def _on_poison_command(self, command: AnyCommand, exc: BaseException, delivered: int) -> None:
+        """A command whose handler failed on every delivery: a RunStage's attempt ends `failed/poison`
+        with the error, so the scheduler fails the stage at once (T15) instead of re-placing it."""
+        if not isinstance(command, RunStage) or command.agent != self.agent_id:
+            return
+        assert self.store is not None
+        known = self.store.get(command.attempt)
+        if known is not None and known.state == "finished":
+            return
+        why = f"poison command: handling RunStage failed {delivered} times, last with {type(exc).__name__}: {exc}"
+        self._end_here(
+            command.pipeline_id, command.stage, command.attempt, command.spec.kind, "failed", "poison", why[:2000]
+        )
 
     def _on_cancel(self, command: CancelAttempt) -> Verdict:
         assert self.store is not None and self._outbox is not None

@@ -1,0 +1,392 @@
+"""Soak scenarios (edge): each injects one kind of fault on a schedule while pipelines run (docs/reliability.md).
+
+A scenario is an async `inject(run)` that breaks and restarts components through the harness and
+records each fault, plus `bars(run, verdict)`: its targets from the T-table, measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from soak.checker import Event, Fault, Verdict
+from soak.harness import Load, SoakStack
+
+
+@dataclass
+class Bar:
+    what: str
+    target: str
+    measured: str
+    passed: bool | None
+
+
+@dataclass
+class Run:
+    """What a scenario gets: the stack, the load, a seeded rng and its size."""
+
+    stack: SoakStack
+    load: Load
+    rng: random.Random
+    faults: int
+    quick: bool
+    events: list[Event] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fault(self, kind: str, target: str, at: float, back_at: float | None) -> None:
+        self.load.faults.append(Fault(kind, target, at, back_at))
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    inject: Callable[[Run], Awaitable[None]]
+    bars: Callable[[Run, Verdict], list[Bar]]
+    poison: int = 0
+    """How many of the pipelines carry a poison stage (expected to fail)."""
+    default_faults: int = 10
+    probe_every_s: float = 0.5
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _max(verdict: Verdict, key: str) -> float | None:
+    value = verdict.recovery.get(key, {}).get("max")
+    return float(value) if value is not None else None
+
+
+def _bar_max(verdict: Verdict, key: str, limit: float, what: str, target: str) -> Bar:
+    got = _max(verdict, key)
+    if got is None:
+        return Bar(what, target, "not observed", None)
+    return Bar(what, target, f"max {got:.2f} s (p50 {verdict.recovery[key].get('p50')} s)", got < limit)
+
+
+def _common(verdict: Verdict) -> list[Bar]:
+    return [
+        Bar("lost", "0", str(verdict.lost), verdict.lost == 0),
+        Bar("duplicated", "0", str(verdict.duplicated), verdict.duplicated == 0),
+        Bar("unexpected", "0", str(verdict.unexpected), verdict.unexpected == 0),
+        Bar(
+            "completed",
+            f"{verdict.acknowledged}",
+            f"{verdict.completed}/{verdict.acknowledged}",
+            verdict.completed == verdict.acknowledged,
+        ),
+    ]
+
+
+async def _busy_agent(run: Run) -> str | None:
+    """An agent that holds a running attempt right now (from the API's read model)."""
+    try:
+        response = await run.load.http.get("/api/v1/agents")
+        items = response.json().get("items", [])
+    except Exception:
+        return None
+    busy = [a["id"] for a in items if any(t["status"] == "running" for t in a.get("attempts", []))]
+    return run.rng.choice(sorted(busy)) if busy else None
+
+
+async def _gap(run: Run, low: float, high: float) -> None:
+    await asyncio.sleep(run.rng.uniform(low, high))
+
+
+# ---- T1: scheduler kill -9 -------------------------------------------------------------------------------
+
+
+async def inject_t1(run: Run) -> None:
+    scheduler = run.stack.services["scheduler"]
+    for _ in range(run.faults):
+        await _gap(run, 2.0, 5.0)
+        at = time.time()
+        scheduler.kill()
+        await asyncio.sleep(run.rng.uniform(0.1, 1.0))
+        scheduler.start()
+        run.fault("scheduler_kill", "scheduler", at, time.time())
+
+
+def bars_t1(run: Run, verdict: Verdict) -> list[Bar]:
+    return [
+        *_common(verdict),
+        _bar_max(
+            verdict,
+            "scheduler_kill.first_scheduler_event_s",
+            2.0,
+            "first scheduler event after restart",
+            "< 2 s after the process starts (includes Python start-up)",
+        ),
+    ]
+
+
+# ---- T2: nats-server kill -9 -----------------------------------------------------------------------------
+
+
+async def inject_t2(run: Run) -> None:
+    nats = run.stack.nats
+    for _ in range(run.faults):
+        await _gap(run, 1.5, 4.0)
+        at = time.time()
+        nats.kill()
+        await asyncio.sleep(run.rng.uniform(0.2, 1.5))
+        await asyncio.to_thread(nats.start)
+        run.fault("nats_kill", "nats-server", at, time.time())
+
+
+def bars_t2(run: Run, verdict: Verdict) -> list[Bar]:
+    return [
+        *_common(verdict),
+        _bar_max(
+            verdict,
+            "nats_kill.first_report_event_s",
+            5.0,
+            "consumers resume (first report-derived event after NATS is back)",
+            "< 5 s",
+        ),
+    ]
+
+
+# ---- T6: relay crashes (the relay runs in the api process) plus NATS kills --------------------------------
+
+
+async def inject_t6(run: Run) -> None:
+    api = run.stack.services["api"]
+    nats_kills = max(1, run.faults // 5)
+    kinds = ["relay_kill"] * run.faults + ["nats_kill"] * nats_kills
+    run.rng.shuffle(kinds)
+    for kind in kinds:
+        await _gap(run, 0.8, 2.5)
+        at = time.time()
+        if kind == "relay_kill":
+            api.kill()
+            api.start()
+            run.fault("relay_kill", "api+relay", at, time.time())
+        else:
+            run.stack.nats.kill()
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(run.stack.nats.start)
+            run.fault("nats_kill", "nats-server", at, time.time())
+
+
+def bars_t6(run: Run, verdict: Verdict) -> list[Bar]:
+    out = [*_common(verdict)]
+    published = run.extra.get("published")
+    if published is None:
+        out.append(Bar("published ⊇ committed", "every committed event on VY_EVENTS once", "not checked", None))
+    else:
+        found, committed, repeats = published
+        out.append(
+            Bar(
+                "published ⊇ committed",
+                "every committed event on VY_EVENTS once",
+                f"{found} of {committed} committed events, {repeats} stored twice",
+                found == committed and repeats == 0,
+            )
+        )
+    lag = run.extra.get("relay_lag_p99_ms")
+    out.append(
+        Bar(
+            "relay lag p99 (commit to ack, last 4096 events)",
+            "< 500 ms",
+            f"{lag} ms",
+            None if lag is None else lag < 500,
+        )
+    )
+    return out
+
+
+# ---- T7: agent kill -9 mid-stage -------------------------------------------------------------------------
+
+
+async def inject_t7(run: Run) -> None:
+    done = 0
+    deadline = time.monotonic() + 60 + 15 * run.faults
+    while done < run.faults and time.monotonic() < deadline:
+        await _gap(run, 3.0, 6.0)
+        agent = await _busy_agent(run)
+        if agent is None:
+            continue
+        service = run.stack.services[agent]
+        at = time.time()
+        service.kill()
+        await asyncio.sleep(run.rng.uniform(0.5, 2.0))
+        service.start()
+        run.fault("agent_kill", agent, at, time.time())
+        done += 1
+
+
+def bars_t7(run: Run, verdict: Verdict) -> list[Bar]:
+    lease = run.stack.config.lease_s
+    return [
+        *_common(verdict),
+        _bar_max(
+            verdict,
+            "agent_kill.lost_detected_s",
+            lease + 1.0,
+            "attempt declared lost after the kill",
+            f"< heartbeat timeout + 1 s ({lease + 1:.0f} s)",
+        ),
+        _bar_max(verdict, "agent_kill.replaced_s", 2.0, "new attempt placed after the loss", "< 2 s"),
+        Bar(
+            "retries resume from the latest checkpoint",
+            "all",
+            f"{verdict.resumed_from_checkpoint} resumed, {verdict.resume_mismatches} mismatched",
+            verdict.resume_mismatches == 0 and verdict.resumed_from_checkpoint > 0,
+        ),
+    ]
+
+
+# ---- T8: SIGSTOP an agent past its lease, then SIGCONT ---------------------------------------------------
+
+
+async def inject_t8(run: Run) -> None:
+    lease = run.stack.config.lease_s
+    done = 0
+    deadline = time.monotonic() + 60 + (lease + 15) * run.faults
+    while done < run.faults and time.monotonic() < deadline:
+        await _gap(run, 2.0, 4.0)
+        agent = await _busy_agent(run)
+        if agent is None:
+            continue
+        service = run.stack.services[agent]
+        at = time.time()
+        service.signal(signal.SIGSTOP)
+        await asyncio.sleep(lease + 4.0)
+        service.signal(signal.SIGCONT)
+        run.fault("agent_pause", agent, at, time.time())
+        done += 1
+        await asyncio.sleep(5.0)
+
+
+def bars_t8(run: Run, verdict: Verdict) -> list[Bar]:
+    stale = verdict.rejected_reasons
+    return [
+        *_common(verdict),
+        Bar(
+            "stale attempt's reports rejected (audited as report.rejected)",
+            "every one; none applied",
+            f"{verdict.stale_rejected} rejected {stale}; applied-after-loss anomalies {verdict.unexpected}",
+            verdict.unexpected == 0,
+        ),
+        _bar_max(
+            verdict,
+            "agent_pause.lost_detected_s",
+            run.stack.config.lease_s + 2.0,
+            "paused agent's attempts declared lost",
+            f"< lease + 2 s ({run.stack.config.lease_s + 2:.0f} s)",
+        ),
+    ]
+
+
+# ---- T14: Postgres stop -m immediate under load ----------------------------------------------------------
+
+
+async def inject_t14(run: Run) -> None:
+    pg = run.stack.postgres
+    for _ in range(run.faults):
+        await _gap(run, 3.0, 6.0)
+        at = time.time()
+        await asyncio.to_thread(pg.stop_immediate)
+        await asyncio.sleep(run.rng.uniform(1.0, 3.0))
+        await asyncio.to_thread(pg.start)
+        run.fault("postgres_stop", "postgres", at, time.time())
+
+
+def bars_t14(run: Run, verdict: Verdict) -> list[Bar]:
+    p: dict[str, Any] = verdict.probes
+    back = p.get("serving_again_s", {})
+    return [
+        *_common(verdict),
+        Bar(
+            "5xx other than 503 during outages",
+            "0",
+            str(p.get("server_errors_not_503")),
+            p.get("server_errors_not_503") == 0,
+        ),
+        Bar(
+            "503 without Retry-After", "0", str(p.get("503_without_retry_after")), p.get("503_without_retry_after") == 0
+        ),
+        Bar(
+            "slowest API answer", "< 5 s (no hang)", f"{p.get('max_latency_s')} s", (p.get("max_latency_s") or 0) < 5.0
+        ),
+        Bar(
+            "API serving again after Postgres is back",
+            "< 3 s",
+            f"max {back.get('max')} s (p50 {back.get('p50')} s, n {back.get('n')})",
+            back.get("max") is not None and back["max"] < 3.0,
+        ),
+        Bar("status codes seen", "(reported)", str(p.get("statuses")), None),
+    ]
+
+
+# ---- T15: a poison command -------------------------------------------------------------------------------
+
+
+async def inject_t15(run: Run) -> None:
+    """Nothing to break: the poison pipelines (submitted by the runner) are the fault."""
+    await asyncio.sleep(1.0)
+
+
+def poison_times(events: list[Event]) -> list[tuple[float, str]]:
+    """Seconds from a poison stage's placement to its stage.failed, and the failure class recorded."""
+    placed: dict[str, float] = {}
+    out: list[tuple[float, str]] = []
+    for e in events:
+        if e.data.get("stage") != "right":
+            continue
+        if e.type == "stage.placed":
+            placed.setdefault(e.stream_id, e.recorded_at)
+        elif e.type == "stage.failed" and e.stream_id in placed:
+            out.append((e.recorded_at - placed[e.stream_id], str(e.data.get("failure_class"))))
+    return out
+
+
+def bars_t15(run: Run, verdict: Verdict) -> list[Bar]:
+    times = poison_times(run.events)
+    poisoned = [s for s in run.load.submissions if s.expect == "failed"]
+    classes = sorted({c for _, c in times})
+    worst = max((t for t, _ in times), default=None)
+    return [
+        *_common(verdict),
+        Bar(
+            "poison stage ends as stage.failed (poison)",
+            f"{len(poisoned)} of {len(poisoned)}",
+            f"{len(times)} failed, classes {classes}",
+            len(times) == len(poisoned) and classes == ["poison"],
+        ),
+        Bar(
+            "placement to stage.failed (5 deliveries with backoff 0.5/1/2/4 s)",
+            "< 10 s (last delivery + 2 s)",
+            "not observed" if worst is None else f"max {worst:.2f} s",
+            worst is not None and worst < 10.0,
+        ),
+    ]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "T1": Scenario("T1", "scheduler kill -9 at random moments, restarted", inject_t1, bars_t1, default_faults=10),
+    "T2": Scenario(
+        "T2", "nats-server kill -9 (sync_interval: always), restarted", inject_t2, bars_t2, default_faults=20
+    ),
+    "T6": Scenario("T6", "relay crashes (api+relay kill -9) and NATS kills", inject_t6, bars_t6, default_faults=15),
+    "T7": Scenario("T7", "agent kill -9 mid-stage, restarted", inject_t7, bars_t7, default_faults=6),
+    "T8": Scenario("T8", "SIGSTOP an agent past its lease, then SIGCONT", inject_t8, bars_t8, default_faults=3),
+    "T14": Scenario(
+        "T14", "Postgres stop -m immediate under load", inject_t14, bars_t14, default_faults=10, probe_every_s=0.2
+    ),
+    "T15": Scenario(
+        "T15",
+        "poison command (a RunStage whose handler always fails)",
+        inject_t15,
+        bars_t15,
+        poison=3,
+        default_faults=0,
+    ),
+}
