@@ -12,6 +12,8 @@ from verlyard_api.adapters.pg_listen import EventListener, Wakeup
 from verlyard_api.adapters.pg_projector import PgProjector
 from verlyard_api.adapters.pg_tokens import TokenStore
 from verlyard_shared.ids import new_id
+from verlyard_shared.store.grouped import GroupCommitStore
+from verlyard_shared.store.port import EventStore
 from verlyard_shared.store.postgres import PostgresEventStore
 
 
@@ -22,7 +24,8 @@ def _now() -> datetime:
 @dataclass
 class ApiContext:
     pool: asyncpg.Pool
-    store: PostgresEventStore
+    store: EventStore
+    """Postgres behind a group commit: concurrent requests' appends share one transaction."""
     projector: PgProjector
     tokens: TokenStore
     listener: EventListener
@@ -32,7 +35,7 @@ class ApiContext:
     @classmethod
     def create(cls, pool: asyncpg.Pool) -> ApiContext:
         wakeup = Wakeup()
-        store = PostgresEventStore(pool)
+        store = GroupCommitStore(PostgresEventStore(pool))
         projector = PgProjector(pool, wakeup=wakeup)
         return cls(
             pool=pool,
