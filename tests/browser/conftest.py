@@ -29,8 +29,10 @@ from nats.aio.client import Client as NATS
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
 from tests.integration.telemetry_kit import publish_logs, publish_metrics
+from verlyard_shared import codec, subjects
 from verlyard_shared.embedded.ports import free_port
 from verlyard_shared.nats_topology import connect_nats
+from verlyard_shared.reports import Report
 
 CHROMIUM = Path(os.environ.get("VERLYARD_CHROMIUM", "/usr/bin/chromium"))
 REPO = Path(__file__).resolve().parents[2]
@@ -91,6 +93,14 @@ class Stack:
     def metrics(self, pipeline_id: str, stage: str, attempt: str, points: list[tuple[int, str, float]]) -> None:
         """Publish a MetricBatch as an agent does: NATS -> the API's persister -> Postgres -> the live stream."""
         self.loop.run(publish_metrics(self.nc.jetstream(), pipeline_id, stage, attempt, points))
+
+    def report(self, report: Report) -> None:
+        """Publish an agent's report (checkpoint, progress) as the agent does; the scheduler records it."""
+        tag = str(type(report).__struct_config__.tag)  # `rpt.checkpoint` -> subject kind `checkpoint`
+        subject = subjects.report_subject(report.agent, tag.rsplit(".", 1)[-1])
+        self.loop.run(
+            self.nc.jetstream().publish(subject, codec.encode(report), headers={"Nats-Msg-Id": report.report_id})
+        )
 
     def logs(self, pipeline_id: str, stage: str, attempt: str, lines: list[tuple[int, str]]) -> None:
         self.loop.run(publish_logs(self.nc.jetstream(), pipeline_id, stage, attempt, lines))
@@ -208,7 +218,7 @@ def page(browser: Browser, stack: Stack) -> Iterator[Page]:
     assert not [e for e in errors if "Failed to load resource" not in e], errors
 
 
-def shot(page: Page, name: str) -> None:
-    """A screenshot of the viewport under docs/screenshots/ (the README shows them)."""
+def shot(page: Page, name: str, *, full_page: bool = False) -> None:
+    """A screenshot of the viewport (or the whole page) under docs/screenshots/ (the README shows them)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"))
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from playwright.sync_api import Page, Request, expect
 
 from tests.browser.conftest import Stack, shot
 from verlyard_shared.ids import new_id
+from verlyard_shared.reports import AttemptProgressReport, CheckpointReport
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -158,12 +160,23 @@ def test_loss_chart_and_logs_follow_live_and_cancel(page: Page, stack: Stack) ->
         (r.url, r.headers) for r in resumed
     ]
 
+    # The agent's progress and checkpoint reports (recorded by the scheduler) show up live.
+    agent = state["stages"]["train"]["attempts"][-1]["agent"]
+    ids = {"agent": agent, "pipeline_id": pipeline_id, "stage": "train", "attempt": attempt}
+    now = datetime.now(UTC)
+    stack.report(AttemptProgressReport(report_id=new_id(), sent_at=now, step=30, total_steps=100, **ids))
+    path = "/ckpt/global_step_30"
+    stack.report(CheckpointReport(report_id=new_id(), sent_at=now, step=30, path=path, size_bytes=3 << 20, **ids))
+    expect(page.locator("#checkpoints")).to_contain_text(path)
+    expect(page.locator("#checkpoints")).to_contain_text("3.0 MiB")
+    expect(page.locator("#attempts")).to_contain_text("30 / 100")
+
     # A later attempt that starts over from step 25 rolls back the first attempt's steps after it.
-    stack.metrics(pipeline_id, "train", new_id(), [(s, "train/loss", 2.0 / s) for s in range(25, 41)])
+    stack.metrics(pipeline_id, "train", new_id(), [(s, "train/loss", 0.3 + 3.0 / s) for s in range(25, 41)])
     expect(loss.locator("path.rolled")).to_have_count(1)
     expect(loss).to_have_attribute("data-points", "40")
     expect(page.locator("main")).not_to_contain_text("null")
-    shot(page, "stage")
+    shot(page, "stage", full_page=True)
 
     # The token never appears in a URL (EventSource would need it there; fetch sends it as a header).
     assert not [u for u in every_url if any(t in u for t in stack.tokens.values())]
@@ -173,8 +186,17 @@ def test_loss_chart_and_logs_follow_live_and_cancel(page: Page, stack: Stack) ->
     page.get_by_role("button", name="Cancel pipeline").click()
     expect(page.locator('#dag a[data-stage="train"]')).to_have_attribute("data-status", "cancelled", timeout=60_000)
     expect(page.locator("#timeline")).to_contain_text("pipeline.cancelled")
-    expect(page.get_by_role("button", name="Retry failed stages")).to_be_enabled()
     assert stack.pipeline(pipeline_id)["status"] == "cancelled"
+
+    # Retry re-runs the cancelled stage (a second attempt); the page follows it, and cancelling again works.
+    page.get_by_role("button", name="Retry failed stages").click()
+    expect(page.locator("#timeline")).to_contain_text("pipeline.retry_requested")
+    train = page.locator('#dag a[data-stage="train"]')
+    expect(train).to_have_attribute("data-status", "running", timeout=60_000)
+    expect(page.locator("#stages")).to_contain_text("#2")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Cancel pipeline").click()
+    expect(train).to_have_attribute("data-status", "cancelled", timeout=60_000)
 
 
 def test_pipelines_list_pages_filters_and_searches(page: Page, stack: Stack) -> None:

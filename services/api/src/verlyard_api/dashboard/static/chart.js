@@ -17,7 +17,7 @@ function ticks(lo, hi, n = 5) {
 
 function label(v) {
   const a = Math.abs(v);
-  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(1);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return Number(v.toPrecision(3)).toExponential();
   return String(Number(v.toPrecision(4)));
 }
 

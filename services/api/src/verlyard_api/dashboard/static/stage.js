@@ -5,7 +5,7 @@
 import { api, query } from "./api.js";
 import { lineChart } from "./chart.js";
 import { follow } from "./sse.js";
-import { badge, debounce, duration, errorBox, h, span, when, put } from "./util.js";
+import { badge, debounce, duration, errorBox, h, put, shortId, span, when } from "./util.js";
 
 const MAX_POINTS = 600;
 const MAX_LOG_LINES = 2000;
@@ -19,11 +19,18 @@ export function render(main, { id, stage, params }, ctx) {
   const info = h("div", {});
   const picker = h("div", {});
   const charts = h("div", { id: "charts" });
+  const checkpoints = h("tbody", {});
+  let numbers = {};
   const logs = h("pre", { class: "logs", id: "logs", tabindex: "0", "aria-label": "Log output", "aria-live": "off" });
   const logState = h("span", { class: "muted", "aria-live": "polite" });
   const live = h("span", { class: "muted", "aria-live": "polite" });
-  main.append(head, info, h("div", { class: "row" }, h("h2", {}, "Metrics"), live), picker, charts,
-    h("div", { class: "row" }, h("h2", {}, "Logs"), logState), logs);
+  const outputs = h("div", { class: "kv", id: "outputs" });
+  main.append(head, info,
+    h("div", { class: "row" }, h("h2", {}, "Metrics"), live), picker, charts,
+    h("div", { class: "row" }, h("h2", {}, "Logs"), logState), logs,
+    h("h2", {}, "Outputs"), outputs,
+    h("h2", {}, "Checkpoints"),
+    h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["Step", "Attempt", "Path", "Size", "Saved"].map((c) => h("th", { scope: "col" }, c)))), checkpoints));
   let keys = [];
   let streams = [];
 
@@ -32,6 +39,7 @@ export function render(main, { id, stage, params }, ctx) {
       const p = await api(`/api/v1/pipelines/${enc}`);
       const st = p.stages[stage];
       if (!st) throw new Error(`pipeline ${p.name} has no stage ${stage}`);
+      numbers = Object.fromEntries(st.attempts.map((a) => [a.id, a.number]));
       put(head, 
         h("p", {}, h("a", { href: `#/pipelines/${enc}` }, `← ${p.name}`)),
         h("div", { class: "row" }, h("h1", {}, stage), badge(st.status), h("span", { class: "muted" }, st.kind)));
@@ -43,14 +51,37 @@ export function render(main, { id, stage, params }, ctx) {
             h("td", {}, `#${a.number}`), h("td", {}, badge(a.status)), h("td", { class: "mono" }, a.agent || "—"),
             h("td", {}, when(a.started_at)), h("td", {}, duration(span(a.started_at, a.finished_at))),
             h("td", {}, a.step !== null ? `${a.step}${a.total_steps ? ` / ${a.total_steps}` : ""}` : "—"),
-            h("td", {}, a.failure_class || ""), h("td", {}, a.resumed_from_step ?? ""))))),
-        h("h2", {}, "Checkpoint and outputs"),
-        h("div", { class: "kv", id: "outputs" },
+            h("td", {}, a.failure_class || ""), h("td", {}, a.resumed_from_step ?? ""))))));
+      put(outputs,
           h("span", { class: "muted" }, "Latest checkpoint"),
           h("span", { class: "mono" }, st.checkpoint ? `step ${st.checkpoint.step}: ${st.checkpoint.path}` : "none"),
-          Object.entries(st.outputs || {}).map(([k, v]) => [h("span", { class: "muted" }, k), h("span", { class: "mono" }, typeof v === "object" ? JSON.stringify(v) : String(v))])));
+          Object.entries(st.outputs || {}).map(([k, v]) => [h("span", { class: "muted" }, k), h("span", { class: "mono" }, typeof v === "object" ? JSON.stringify(v) : String(v))]));
     } catch (err) {
       put(head, errorBox(err));
+    }
+  }
+
+  function checkpointRow(ev) {
+    const d = ev.data;
+    const size = d.size_bytes ? `${(d.size_bytes / 2 ** 20).toFixed(1)} MiB` : "—";
+    return h("tr", {}, h("td", {}, d.step), h("td", {}, numbers[d.attempt] ? `#${numbers[d.attempt]}` : shortId(d.attempt)),
+      h("td", { class: "mono" }, d.path), h("td", {}, size), h("td", {}, when(ev.recorded_at)));
+  }
+
+  // Every checkpoint the stage saved, from the pipeline's audit trail (the read model keeps the latest).
+  async function loadCheckpoints() {
+    const rows = [];
+    let after = 0;
+    try {
+      for (;;) {
+        const page = await api(`/api/v1/pipelines/${enc}/events?after=${after}&limit=1000`);
+        rows.push(...page.items.filter((ev) => ev.type === "checkpoint.saved" && ev.data.stage === stage));
+        if (page.next === null || page.items.length === 0) break;
+        after = page.next;
+      }
+      put(checkpoints, rows.length ? rows.map(checkpointRow) : h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No checkpoint yet.")));
+    } catch (err) {
+      put(checkpoints, h("tr", {}, h("td", { colspan: 5 }, errorBox(err))));
     }
   }
 
@@ -116,6 +147,7 @@ export function render(main, { id, stage, params }, ctx) {
     let cursor = "";
     try { cursor = (await api(`/api/v1/pipelines/${enc}/stream/head`)).cursor; } catch { /* from the start */ }
     await Promise.all([loadStage(), loadMetrics()]);
+    await loadCheckpoints();
     streams.push(follow(`/api/v1/pipelines/${enc}/stream?logs=false`, (type, data) => {
       if (type === "metrics") {
         if (data.points.some((p) => p.stage === stage)) refreshMetrics();
@@ -123,6 +155,10 @@ export function render(main, { id, stage, params }, ctx) {
         refreshStage();
         if (type === "attempt.started" || type === "stage.placed") refreshMetrics();
         if (type === "attempt.started" && data.data.stage === stage) followLogs();
+        if (type === "checkpoint.saved" && data.data.stage === stage) {
+          if (checkpoints.querySelector("td[colspan]")) put(checkpoints);
+          checkpoints.append(checkpointRow(data));
+        }
       }
     }, { lastId: cursor, onState: (st) => { live.textContent = st === "open" ? "live" : st === "reconnecting" ? "reconnecting…" : ""; } }));
     followLogs();
