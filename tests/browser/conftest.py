@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
 import pytest
 from nats.aio.client import Client as NATS
@@ -65,6 +66,7 @@ class Stack:
     """role -> a bearer token of that role (admin is the stack's own first token)."""
     nc: NATS
     loop: LoopThread
+    database_url: str
 
     def client(self, role: str = "admin") -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.tokens[role]}"}, timeout=10)
@@ -93,6 +95,18 @@ class Stack:
     def metrics(self, pipeline_id: str, stage: str, attempt: str, points: list[tuple[int, str, float]]) -> None:
         """Publish a MetricBatch as an agent does: NATS -> the API's persister -> Postgres -> the live stream."""
         self.loop.run(publish_metrics(self.nc.jetstream(), pipeline_id, stage, attempt, points))
+
+    def sql(self, query: str, *args: Any) -> None:
+        """Run one statement on the stack's Postgres (bulk test data the API then reads)."""
+
+        async def run() -> None:
+            conn = await asyncpg.connect(self.database_url)
+            try:
+                await conn.execute(query, *args)
+            finally:
+                await conn.close()
+
+        self.loop.run(run(), timeout=120)
 
     def report(self, report: Report) -> None:
         """Publish an agent's report (checkpoint, progress) as the agent does; the scheduler records it."""
@@ -176,7 +190,9 @@ def stack(chromium: Path) -> Iterator[Stack]:
                 f"nats://127.0.0.1:{state['nats_port']}", name="browser-tests", user="verlyard", password=password
             )
         )
-        yield Stack(home=home, url=url, tokens=tokens, nc=nc, loop=loop)
+        pg_password = (home / "postgres.password").read_text().strip()
+        database_url = f"postgresql://postgres:{pg_password}@127.0.0.1:{state['postgres_port']}/postgres"
+        yield Stack(home=home, url=url, tokens=tokens, nc=nc, loop=loop, database_url=database_url)
     finally:
         if nc is not None:
             loop.run(nc.close())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -197,6 +198,33 @@ def test_loss_chart_and_logs_follow_live_and_cancel(page: Page, stack: Stack) ->
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Cancel pipeline").click()
     expect(train).to_have_attribute("data-status", "cancelled", timeout=60_000)
+
+
+def test_a_hundred_thousand_step_series_is_drawn_downsampled(page: Page, stack: Stack) -> None:
+    pipeline_id = stack.submit({"name": "long-run", "stages": {"train": {"kind": "noop"}}})
+    state = stack.wait(pipeline_id, lambda p: p["status"] == "succeeded", "the pipeline to finish")
+    attempt = state["stages"]["train"]["attempts"][-1]["id"]
+    # 100,000 steps of loss written straight into the telemetry table (the persister's path is covered
+    # above; here it is the read side that is under test).
+    stack.sql(
+        """INSERT INTO metrics (pipeline_id, stage, attempt, step, key, value, recorded_at)
+           SELECT $1, 'train', $2, s, 'train/loss', 3.0 / s + 0.01 * sin(s / 50.0), now()
+           FROM generate_series(1, 100000) AS s""",
+        pipeline_id,
+        attempt,
+    )
+    login(page, stack, "viewer")
+    started = time.monotonic()
+    page.goto(f"/ui#/pipelines/{pipeline_id}/stages/train")
+    loss = page.locator('figure[data-key="train/loss"]')
+    expect(loss).to_contain_text("downsampled")
+    drawn = int(loss.get_attribute("data-points") or 0)
+    assert 100 <= drawn <= 600, drawn
+    assert time.monotonic() - started < 10
+    expect(loss.locator("svg")).to_have_attribute("aria-label", re.compile(r"train/loss by step"))
+    # The API's SQL pre-aggregation keeps each bucket's extremes, so the last drawn step is the last
+    # bucket's, near the end.
+    expect(loss).to_contain_text(re.compile(r"last: step 99\d{3}"))
 
 
 def test_pipelines_list_pages_filters_and_searches(page: Page, stack: Stack) -> None:
