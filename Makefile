@@ -56,5 +56,11 @@ bench: $(STAMP)
 	scripts/trainer-env.sh >/dev/null
 	$(PY) -m bench
 
+# Fault injection (docs/reliability.md): T1 T2 T6 T7 T8 T14 T15, each on its own throwaway stack, one at a
+# time; a Jepsen-style summary each, results in soak/results/<scenario>.json; non-zero on any loss or
+# duplicate. `make soak SOAK_ARGS="--scenario T1 --quick"` for one.
+soak: $(STAMP)
+	$(PY) -m soak $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -482,13 +482,22 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
       command after restart"; it only means something while work is pending, which the soak ensures).
     - `first_report_event_s`: the first event written from an agent's report after `back_at` (T2's
       "consumers resume after NATS is back").
-    - agent faults: `lost_detected_s` (fault to `attempt.lost` of an attempt on that agent) and
-      `replaced_s` (that `attempt.lost` to the stage's next `stage.placed`).
+    - agent faults: `lost_detected_s` (fault to the loss of an attempt on that agent: `attempt.lost`,
+      or `stage.failed` of class lost when the restarted agent reports it) and `replaced_s` (that loss
+      to the stage's next `stage.placed`, retry backoff included).
     """
     ordered = sorted(events, key=lambda e: e.position)
     sched = sorted(e.recorded_at for e in ordered if e.actor == "scheduler")
     report = sorted(e.recorded_at for e in ordered if e.type in REPORT_EVENTS)
     measures: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    # An agent that restarts reports its dead attempts itself (stage.failed, class lost); one that does
+    # not come back in time gets attempt.lost from the scheduler.
+    placed_on = {str(e.data.get("attempt")): str(e.data.get("agent")) for e in ordered if e.type == "stage.placed"}
+    losses = [
+        e
+        for e in ordered
+        if e.type == "attempt.lost" or (e.type == "stage.failed" and e.data.get("failure_class") == "lost")
+    ]
     for fault in faults:
         start = fault.back_at if fault.back_at is not None else fault.at
         nxt = _first_after(sched, start)
@@ -498,8 +507,12 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
         if nxt is not None:
             measures[fault.kind]["first_report_event_s"].append(nxt - start)
         if fault.kind.startswith("agent"):
-            for lost in ordered:
-                if lost.type != "attempt.lost" or lost.data.get("agent") != fault.target or lost.recorded_at < fault.at:
+            later = [f.at for f in faults if f.target == fault.target and f.at > fault.at]
+            until = min(later, default=fault.at + 120.0)
+            for lost in losses:
+                if lost.data.get("agent", placed_on.get(str(lost.data.get("attempt")))) != fault.target:
+                    continue
+                if not fault.at <= lost.recorded_at < until:
                     continue
                 measures[fault.kind]["lost_detected_s"].append(lost.recorded_at - fault.at)
                 for placed in ordered:
