@@ -17,8 +17,9 @@ import pytest
 from playwright.sync_api import Page, Request, expect
 
 from tests.browser.conftest import Stack, shot
+from verlyard_shared.events import GpuInfo
 from verlyard_shared.ids import new_id
-from verlyard_shared.reports import AttemptProgressReport, CheckpointReport
+from verlyard_shared.reports import AgentHeartbeat, AgentHello, AttemptProgressReport, CheckpointReport, GpuStatus
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -253,14 +254,36 @@ def test_pipelines_list_pages_filters_and_searches(page: Page, stack: Stack) -> 
     expect(page.get_by_role("button", name="Cancel pipeline")).to_have_count(0)
 
 
-def test_agents_and_hosts(page: Page, stack: Stack) -> None:
+def test_agents_drain_and_hosts(page: Page, stack: Stack) -> None:
+    # A second agent with two GPUs and no CPU slot (so it is never given the tests' CPU stages), announced
+    # as an agent does: hello, then a heartbeat with its GPUs' memory and utilisation.
+    box = "gpu-box-7"
+    gpus = tuple(GpuInfo(index=i, name="NVIDIA H100 80GB HBM3", memory_total_mb=81559) for i in range(2))
+    stack.report(
+        AgentHello(report_id=new_id(), agent=box, sent_at=datetime.now(UTC), hostname=box, gpus=gpus, cpu_slots=0)
+    )
+    deadline = time.monotonic() + 30
+    with stack.client("viewer") as client:
+        while not any(a["id"] == box for a in client.get("/api/v1/agents").json()["items"]):
+            assert time.monotonic() < deadline, "the second agent never registered"
+            time.sleep(0.2)
+    busy = (GpuStatus(index=0, utilization_pct=87.0, memory_used_mb=61440), GpuStatus(index=1, memory_used_mb=1024))
+    stack.report(AgentHeartbeat(report_id=new_id(), agent=box, sent_at=datetime.now(UTC), gpus=busy))
+
     login(page, stack, "admin")
     page.get_by_role("link", name="Agents").click()
-    row = page.locator("#agents tbody tr").first
-    expect(row).to_contain_text("active")
+    row = page.locator(f'#agents tbody tr[data-agent="{box}"]')
+    expect(row).to_contain_text("87% busy")
+    expect(row).to_contain_text("60.0 / 79.6 GiB")
     expect(row.locator("td[data-heartbeat]")).to_contain_text("ago")
-    expect(row.get_by_role("button", name=re.compile("^Drain "))).to_be_visible()
+    local = page.locator("#agents tbody tr").filter(has_not_text=box).first
+    expect(local).to_contain_text("active")
     shot(page, "agents")
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name=f"Drain {box}").click()
+    expect(row).to_contain_text("draining")
+    expect(row.get_by_role("button")).to_have_count(0)
+
     page.get_by_role("link", name="Hosts").click()
     expect(page.get_by_role("heading", name="Hosts")).to_be_visible()
     expect(page.locator("main")).to_contain_text(re.compile("No SSH hosts|no hosts list|Probe"))
@@ -269,7 +292,7 @@ def test_agents_and_hosts(page: Page, stack: Stack) -> None:
     page.get_by_role("button", name="Log out").click()
     login(page, stack, "member")
     page.goto("/ui#/agents")
-    expect(page.locator("#agents tbody tr").first).to_contain_text("active")
+    expect(page.locator("#agents tbody tr").first).to_contain_text(re.compile("active|draining"))
     expect(page.get_by_role("button", name=re.compile("^Drain "))).to_have_count(0)
 
 

@@ -2,7 +2,7 @@
 // age; admins can drain one. Heartbeats are not events, so this page polls (every 5 s).
 
 import { api } from "./api.js";
-import { badge, errorBox, h, shortId, put } from "./util.js";
+import { badge, errorBox, h, put } from "./util.js";
 
 const REFRESH_MS = 5000;
 
@@ -52,7 +52,7 @@ export function render(main, _args, ctx) {
       put(body, h("table", { id: "agents" },
         h("thead", {}, h("tr", {}, ["Agent", "State", "GPUs", "Running", "Heartbeat", ctx.can("admin") ? "Actions" : null].filter(Boolean).map((c) => h("th", { scope: "col" }, c)))),
         h("tbody", {}, page.items.map((a) => h("tr", { "data-agent": a.id },
-          h("td", {}, h("strong", {}, a.hostname), h("div", { class: "mono muted" }, shortId(a.id)), a.version ? h("div", { class: "muted" }, `v${a.version} · ${a.cpu_slots} CPU slots`) : null),
+          h("td", {}, h("strong", {}, a.hostname), a.id !== a.hostname ? h("div", { class: "mono muted" }, a.id) : null, a.version ? h("div", { class: "muted" }, `v${a.version} · ${a.cpu_slots} CPU slots`) : null),
           h("td", {}, badge(a.state), a.reason ? h("div", { class: "muted" }, a.reason) : null),
           h("td", {}, gpus(a.gpus)),
           h("td", {}, a.attempts.length === 0 ? h("span", { class: "muted" }, "idle") : h("ul", {}, a.attempts.map((t) => h("li", {},
