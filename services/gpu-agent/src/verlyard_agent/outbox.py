@@ -2,7 +2,7 @@
 (journal.py), never sent to NATS directly, so an attempt never waits on the bus.
 
 `AttemptTelemetry` batches one attempt's log lines (every ~100 ms or 200 lines) and metric points
-(every ~50 ms) into LogBatch / MetricBatch messages on `vy.log.<pipeline>.<stage>` and
+(every ~5 ms) into LogBatch / MetricBatch messages on `vy.log.<pipeline>.<stage>` and
 `vy.met.<pipeline>.<stage>`.
 """
 
@@ -22,7 +22,9 @@ from verlyard_shared.telemetry import LogBatch, LogLine, MetricBatch, MetricPoin
 
 LOG_FLUSH_S = 0.1
 LOG_MAX_LINES = 200
-METRIC_FLUSH_S = 0.05
+METRIC_FLUSH_S = 0.005
+"""Short: a step's points arrive together (one record), so this only gathers that record's keys into
+one batch; a long wait here would sit inside the live-metric latency (bench L1, p50 <= 100 ms)."""
 METRIC_MAX_POINTS = 500
 
 

@@ -28,8 +28,9 @@ from verlyard_agent.stages import _verl
 from verlyard_agent.stages.base import AttemptContext, StageFailure, StageResult
 from verlyard_agent.trainer import PPO_ENTRY, TRACKER_FILE, Facts, TrainConfigError, TrainPlan, build_train_plan
 
-POLL_S = 0.05
-"""How often the metrics and tracker files are looked at (the bar is 100 ms from write to report)."""
+POLL_S = 0.02
+"""How often the metrics and tracker files are looked at (the bar is 100 ms from verl's write to the
+live stream, bench L1; a stat and a short read each time)."""
 
 
 class _Tail:
