@@ -287,13 +287,63 @@ def test_agents_drain_and_hosts(page: Page, stack: Stack) -> None:
     page.get_by_role("link", name="Hosts").click()
     expect(page.get_by_role("heading", name="Hosts")).to_be_visible()
     expect(page.locator("main")).to_contain_text(re.compile("No SSH hosts|no hosts list|Probe"))
-    shot(page, "hosts")
     # Only admins drain.
     page.get_by_role("button", name="Log out").click()
     login(page, stack, "member")
     page.goto("/ui#/agents")
     expect(page.locator("#agents tbody tr").first).to_contain_text(re.compile("active|draining"))
     expect(page.get_by_role("button", name=re.compile("^Drain "))).to_have_count(0)
+
+
+HOST = {
+    "name": "rented-a100",
+    "address": "203.0.113.7",
+    "port": 22,
+    "user": "ubuntu",
+    "auth": "key",
+    "host_key_fingerprint": "SHA256:q1w2e3r4t5y6u7i8o9p0",
+    "state": "ready",
+    "agent": "ssh-rented-a100",
+    "gpus": 2,
+    "probe": {
+        "ok": True,
+        "gpus": [{"index": i, "name": "NVIDIA A100-SXM4-80GB", "memory_total_mb": 81920} for i in range(2)],
+        "driver_version": "550.54.15",
+        "cuda_version": "12.4",
+        "disk_free_bytes": 412 << 30,
+        "disk_total_bytes": 980 << 30,
+        "trainer_python": "/opt/verl/bin/python",
+        "verl_version": "0.9.1",
+        "password": "hunter2-never-shown",
+        "private_key_pem": "-----BEGIN OPENSSH PRIVATE KEY----- never shown",
+        "uptime_s": 86400,
+    },
+    "probed_at": "2026-11-28T10:00:00Z",
+    "private_key": "-----BEGIN OPENSSH PRIVATE KEY----- never shown either",
+}
+
+
+def test_hosts_show_probe_results_and_never_secrets(page: Page, stack: Stack) -> None:
+    """The page's rendering of the hosts API (served here by the browser, so the check does not depend
+    on a reachable SSH host): probe results shown, fields that look like credentials never; a 404 (an
+    API without hosts) is an empty state."""
+    page.route("**/api/v1/hosts", lambda route: route.fulfill(json={"items": [HOST], "next": None}))
+    login(page, stack, "viewer")
+    page.goto("/ui#/hosts")
+    row = page.locator('#hosts tr[data-host="rented-a100"]')
+    expect(row).to_contain_text("ubuntu@203.0.113.7:22")
+    expect(row).to_contain_text("NVIDIA A100-SXM4-80GB")
+    expect(row).to_contain_text("412.0 GiB of 980.0 GiB")
+    expect(row).to_contain_text("verl 0.9.1")
+    expect(row).to_contain_text("uptime_s")
+    text = page.locator("main").inner_text()
+    assert "hunter2" not in text and "PRIVATE KEY" not in text, text
+    shot(page, "hosts")
+    page.unroute("**/api/v1/hosts")
+    page.route("**/api/v1/hosts", lambda route: route.fulfill(status=404, json={"error": "not_found", "detail": "x"}))
+    page.goto("/ui#/agents")
+    page.goto("/ui#/hosts")
+    expect(page.locator("main")).to_contain_text("no hosts list")
 
 
 def _luminance(rgb: tuple[float, ...]) -> float:
