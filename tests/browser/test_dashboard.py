@@ -201,6 +201,29 @@ def test_loss_chart_and_logs_follow_live_and_cancel(page: Page, stack: Stack) ->
     expect(train).to_have_attribute("data-status", "cancelled", timeout=60_000)
 
 
+def test_the_list_is_live_and_pending_reasons_show(page: Page, stack: Stack) -> None:
+    login(page, stack, "viewer")
+    expect(page.locator("main")).to_contain_text(re.compile("No pipelines match|Created"))
+    expect(page.locator("main .row .muted")).to_have_text("live")
+    page.evaluate("window.__notReloaded = true")
+    # Submitted elsewhere (the API): it appears at the top of the first page and its status moves on.
+    spec = {"name": "arrives-live", "stages": {"a": {"kind": "noop", "with": {"sleep_ms": 1500}}}}
+    pipeline_id = stack.submit(spec)
+    row = page.locator(f'#pipelines tbody tr[data-id="{pipeline_id}"]')
+    expect(page.locator("#pipelines tbody tr").first).to_have_attribute("data-id", pipeline_id)
+    expect(row.locator(".badge").first).to_have_text("succeeded", timeout=60_000)
+    assert page.evaluate("window.__notReloaded") is True
+
+    # A stage no agent can take waits, and the page says why.
+    waiting = stack.submit({"name": "needs-gpus", "stages": {"big": {"kind": "noop", "resources": {"gpus": 64}}}})
+    reason = stack.wait(waiting, lambda p: bool(p["stages"]["big"]["pending_reason"]), "a pending reason")
+    page.goto(f"/ui#/pipelines/{waiting}")
+    expect(page.locator("#stages")).to_contain_text(reason["stages"]["big"]["pending_reason"])
+    expect(page.locator('#dag a[data-stage="big"] title')).to_contain_text("pending")
+    with stack.client("admin") as client:
+        assert client.post(f"/api/v1/pipelines/{waiting}/cancel", json={}).status_code in (200, 202)
+
+
 def test_a_hundred_thousand_step_series_is_drawn_downsampled(page: Page, stack: Stack) -> None:
     pipeline_id = stack.submit({"name": "long-run", "stages": {"train": {"kind": "noop"}}})
     state = stack.wait(pipeline_id, lambda p: p["status"] == "succeeded", "the pipeline to finish")
