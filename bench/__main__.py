@@ -8,12 +8,22 @@ import sys
 import time
 from types import ModuleType
 
-from bench import a1, h1, l1, w1, w2, w3, w4, w5
+from bench import a1, h1, l1, r1, w1, w2, w3, w4, w5
 from bench.harness import Client, Result, Stack, machine_info, write_result
 
 # Run order: the sequential latency runs first on a quiet stack, the bursts last (they leave load behind).
-WORKLOADS: dict[str, ModuleType] = {"A1": a1, "L1": l1, "W1": w1, "W2": w2, "W3": w3, "W5": w5, "W4": w4, "H1": h1}
-NOT_IMPLEMENTED = {"R1": "restart/fold"}
+WORKLOADS: dict[str, ModuleType] = {
+    "A1": a1,
+    "L1": l1,
+    "W1": w1,
+    "W2": w2,
+    "W3": w3,
+    "W5": w5,
+    "W4": w4,
+    "H1": h1,
+    "R1": r1,
+}
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 def _table(results: list[Result]) -> str:

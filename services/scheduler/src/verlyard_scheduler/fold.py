@@ -196,7 +196,16 @@ def _apply(state: PipelineState | None, event: AnyEvent, at: datetime | None, po
         raise FoldError(f"a pipeline stream must start with pipeline.submitted, not {type(event).__name__}")
     if getattr(event, "pipeline_id", state.pipeline_id) != state.pipeline_id:
         return state
+    # The most frequent events first: a match tries its class patterns in order.
     match event:
+        case StagePlaced():
+            return _placed(state, event, at)
+        case AttemptAccepted():
+            return _touch(state, event.stage, event.attempt, at, accepted=True)
+        case AttemptStarted():
+            return _touch(state, event.stage, event.attempt, at, accepted=True, started=True)
+        case AttemptProgressed():
+            return _touch(state, event.stage, event.attempt, at, step=event.step, total_steps=event.total_steps)
         case PipelineSubmitted():
             return state  # a duplicate submission changes nothing
         case PipelineCancelRequested():
@@ -216,14 +225,6 @@ def _apply(state: PipelineState | None, event: AnyEvent, at: datetime | None, po
             if stage is None or stage.status != "pending" or stage.pending_reason == event.reason:
                 return state
             return _put(state, replace(stage, pending_reason=event.reason))
-        case StagePlaced():
-            return _placed(state, event, at)
-        case AttemptAccepted():
-            return _touch(state, event.stage, event.attempt, at, accepted=True)
-        case AttemptStarted():
-            return _touch(state, event.stage, event.attempt, at, accepted=True, started=True)
-        case AttemptProgressed():
-            return _touch(state, event.stage, event.attempt, at, step=event.step, total_steps=event.total_steps)
         case CheckpointSaved():
             return _checkpoint(state, event, at)
         case StageSucceeded():
@@ -299,7 +300,10 @@ def _put(state: PipelineState, stage: StageState) -> PipelineState:
 
 
 def _put_attempt(stage: StageState, attempt: AttemptState) -> StageState:
-    return replace(stage, attempts=tuple(attempt if a.id == attempt.id else a for a in stage.attempts))
+    attempts = stage.attempts
+    if attempts and attempts[-1].id == attempt.id:  # nearly always the current attempt
+        return replace(stage, attempts=(*attempts[:-1], attempt))
+    return replace(stage, attempts=tuple(attempt if a.id == attempt.id else a for a in attempts))
 
 
 def _finish(
