@@ -73,6 +73,18 @@ def choose_name(name: str | None, filename: str | None) -> str:
     )
 
 
+def check_filename(filename: str) -> str:
+    """The original file name as recorded: its last path component, at most 255 characters; 422 when it
+    holds control characters (a NUL cannot even be stored in the log's jsonb) or unpaired surrogates."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1][:255]
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in base):
+        raise InvalidName(
+            f"filename {base!r} holds control characters",
+            issues=[{"path": "filename", "message": "must not hold control characters", "line": None}],
+        )
+    return base
+
+
 def filename_of(content_disposition: str | None) -> str | None:
     """The `filename` of a Content-Disposition header, if any."""
     if not content_disposition:

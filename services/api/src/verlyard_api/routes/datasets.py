@@ -25,6 +25,7 @@ from verlyard_api.datasets import (
     MAX_PREVIEW_ROWS,
     DatasetRecord,
     Preview,
+    check_filename,
     choose_name,
     decide_upload,
     detect_format,
@@ -131,6 +132,7 @@ async def upload_dataset(
             "(e.g. curl --data-binary @FILE -H 'Content-Type: application/octet-stream')"
         )
     original = filename or filename_of(request.headers.get("content-disposition")) or ""
+    recorded_filename = check_filename(original)
     dataset_name = choose_name(name, original or None)
     limit = svc.max_dataset_bytes
     announced = request.headers.get("content-length")
@@ -146,7 +148,7 @@ async def upload_dataset(
             name=dataset_name,
             sha256=received.sha256,
             size_bytes=received.size_bytes,
-            filename=original.replace("\\", "/").rsplit("/", 1)[-1][:255],
+            filename=recorded_filename,
         )
         await store.commit(received)
     except BaseException:
