@@ -7,17 +7,20 @@ import { badge, debounce, errorBox, h, shortId, when, put } from "./util.js";
 
 const STATUSES = ["", "pending", "running", "succeeded", "failed", "cancelled"];
 const PAGE = 50;
+const MAX_PAGE = 500;
 
 export function render(main, { params }, ctx) {
   const status = params.get("status") || "";
   const q = params.get("q") || "";
   const cursor = params.get("cursor") || "";
   const trail = (params.get("trail") || "").split(",").filter(Boolean);
+  const size = Math.min(MAX_PAGE, Math.max(1, Number(params.get("limit")) || PAGE));
+  const limit = size === PAGE ? "" : String(size); // in the URL only when not the default
   let stream = null;
   let shown = new Set();
 
   const setHash = (next) => {
-    const merged = { status, q, ...next };
+    const merged = { status, q, limit, ...next };
     ctx.go(`/pipelines${query(merged)}`);
   };
   const statusSelect = h("select", { id: "f-status", name: "status", onchange: (e) => setHash({ status: e.target.value }) },
@@ -34,7 +37,7 @@ export function render(main, { params }, ctx) {
 
   async function load() {
     try {
-      const page = await api(`/api/v1/pipelines${query({ status, q, cursor, limit: PAGE })}`);
+      const page = await api(`/api/v1/pipelines${query({ status, q, cursor, limit: size })}`);
       shown = new Set(page.items.map((p) => p.id));
       put(body, table(page.items), pager(page.next));
     } catch (err) {
@@ -59,10 +62,10 @@ export function render(main, { params }, ctx) {
     const parts = [];
     if (cursor) {
       const back = trail.slice(0, -1);
-      parts.push(h("a", { href: `#/pipelines${query({ status, q })}` }, "First page"));
-      parts.push(h("a", { href: `#/pipelines${query({ status, q, cursor: trail[trail.length - 1] || "", trail: back.join(",") })}` }, "Newer"));
+      parts.push(h("a", { href: `#/pipelines${query({ status, q, limit })}` }, "First page"));
+      parts.push(h("a", { href: `#/pipelines${query({ status, q, limit, cursor: trail[trail.length - 1] || "", trail: back.join(",") })}` }, "Newer"));
     }
-    if (next) parts.push(h("a", { href: `#/pipelines${query({ status, q, cursor: next, trail: [...trail, cursor].join(",") })}`, rel: "next" }, "Older"));
+    if (next) parts.push(h("a", { href: `#/pipelines${query({ status, q, limit, cursor: next, trail: [...trail, cursor].join(",") })}`, rel: "next" }, "Older"));
     return h("nav", { class: "pager", "aria-label": "Pages" }, parts);
   }
 
