@@ -149,3 +149,22 @@ def test_the_log_is_compacted_when_superseded_lines_pile_up(tmp_path: Path, monk
     assert len(store.path.read_bytes().splitlines()) < 12
     assert store.get("a1") == _record("a1", "accepted", now)
     store.close()
+
+
+async def test_entries_that_need_no_durability_are_released_without_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    fsyncs: list[int] = []
+    monkeypatch.setattr("verlyard_agent.journal.os.fsync", fsyncs.append)
+    j = Journal(tmp_path / "r.jsonl", fsync=True)
+    opened = len(fsyncs)
+    j.append("s", "accepted", b"{}", durable=False)
+    j.append("s", "started", b"{}", durable=False)
+    await j.sync()
+    assert [e.msg_id for e in j.peek()] == ["accepted", "started"] and len(fsyncs) == opened
+    j.append("s", "finished", b"{}")
+    j.append("s", "progress", b"{}", durable=False)
+    await j.sync()
+    assert len(fsyncs) == opened + 1, "one fsync covers the durable entry and what came with it"
+    assert [e.msg_id for e in j.peek()] == ["accepted", "started", "finished", "progress"]
+    j.close()

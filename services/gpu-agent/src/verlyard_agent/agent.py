@@ -44,6 +44,9 @@ from verlyard_shared.runtime import retry_until
 
 log = structlog.get_logger("verlyard.agent")
 
+RECORD_SYNC_S = 1.0
+"""How often the attempt records written since the last fsync are made durable."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
@@ -186,6 +189,7 @@ class Agent:
                 publisher.attach(nc)
                 self._spawn(publisher.run(self._background_stop))
             self._spawn(self._heartbeats())
+            self._spawn(self._sync_records())
             self._spawn(self._watch_link())
             self._spawn(self._send_hello())
             if await self._ensure_consumer():
@@ -397,6 +401,17 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._background_stop.wait(), timeout=self.config.heartbeat_s)
 
+    async def _sync_records(self) -> None:
+        """Group-commit the attempt records off the critical path (one fsync a second at most)."""
+        while not self._background_stop.is_set():
+            if self.store is not None:
+                try:
+                    await self.store.sync()
+                except OSError as exc:  # a full or failing disk: say so, keep running
+                    self._log.warning("attempt_records_sync_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._background_stop.wait(), timeout=RECORD_SYNC_S)
+
     async def _watch_link(self) -> None:
         """Register again after every reconnect (the scheduler may have declared this agent lost)."""
         assert self._nc is not None
@@ -417,10 +432,10 @@ class Agent:
     async def _on_command(self, command: AnyCommand) -> Verdict:
         match command:
             case RunStage():
-                verdict = self._on_run(command)
-                if self.store is not None:  # the accepted record is durable before the command is acked
-                    await self.store.sync()
-                return verdict
+                # Acked once recorded, not once fsynced: the record guards against a second process
+                # after an agent crash (the page cache survives that); a power loss kills the attempt
+                # with the host, and the records are fsynced every RECORD_SYNC_S anyway.
+                return self._on_run(command)
             case CancelAttempt():
                 return self._on_cancel(command)
             case DrainAgent():

@@ -6,9 +6,10 @@ last line of an attempt wins) mirrored in memory. One file, not one per attempt:
 renaming a file per change costs metadata writes that stall the event loop under load, while an
 append is one `write`. Durability is group-committed: `put` appends at once (a restarted agent, after
 a process crash, sees it), and `sync` fsyncs everything appended so far with one fsync in a worker
-thread. The agent syncs before it acks a RunStage, so an accepted attempt survives a power loss too;
-the later states (running, finished) ride on the next sync, and losing one to a power loss only
-makes recovery report the attempt as lost, which the scheduler already handles.
+thread, which the agent runs once a second, off the critical path. That is enough: the record
+guards against a second process after an agent crash (the page cache survives that); a power loss
+kills the attempt with the host, and a lost record then only makes a redelivered command run the
+attempt again or recovery report it lost, both of which the scheduler already handles.
 
 The file is rewritten with only the live records (atomically, fsynced) when it opens and when it has
 grown well past them; records of finished attempts older than `keep` are pruned then. Per-attempt

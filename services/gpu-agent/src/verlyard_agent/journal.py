@@ -10,7 +10,10 @@ truncated once everything in it is published and it has grown past `compact_byte
 A durable journal is group-committed: `append` only writes (a process crash keeps what the kernel
 has), and `sync` fsyncs everything appended so far in a worker thread, so many entries share one
 fsync and the event loop never blocks on the disk. Nothing is handed out for publishing (`peek`)
-before it is synced, so NATS never holds an entry a power loss could take back.
+before the `sync` after it, so NATS never holds an entry a power loss could take back. An entry
+appended with `durable=False` (a report a power loss may lose without harm: the attempt dies with
+the host, and the restarted agent reports it lost) needs no fsync of its own: when nothing durable
+is waiting, `sync` releases the entries without touching the disk.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ class Journal:
         """Entries read from the file but not yet published, with the offset after each."""
         self._scanned_to = self._read_offset
         self._synced_seq = self._next_seq - 1
-        """Entries up to here are durable (everything, when the journal is not durable)."""
+        """Entries up to here may be published (durable, or appended with `durable=False`)."""
+        self._durable_upto = 0
+        """The last entry appended with `durable=True` (to a durable journal)."""
         self._sync_lock = asyncio.Lock()
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -115,21 +120,24 @@ class Journal:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def append(self, subject: str, msg_id: str, data: bytes) -> int:
-        """Append one entry (written through to the kernel; durable after the next `sync`), return its seq."""
+    def append(self, subject: str, msg_id: str, data: bytes, *, durable: bool = True) -> int:
+        """Append one entry (written through to the kernel; publishable after the next `sync`, which
+        fsyncs first if this or an earlier entry is `durable`), return its seq."""
         seq = self._next_seq
         self._next_seq += 1
         line = _encoder.encode(JournalEntry(seq=seq, subject=subject, msg_id=msg_id, data=msgspec.Raw(data)))
         self._file.write(line + b"\n")
         if not self.fsync:
             self._synced_seq = seq
+        elif durable:
+            self._durable_upto = seq
         if self.on_append is not None:
             self.on_append()
         return seq
 
     @property
     def synced_seq(self) -> int:
-        """The last entry that is durable."""
+        """The last entry that may be published (durable, or not needing to be)."""
         return self._synced_seq
 
     async def sync(self) -> None:
@@ -139,7 +147,8 @@ class Journal:
             target = self._next_seq - 1
             if target <= self._synced_seq:
                 return
-            await asyncio.to_thread(os.fsync, self._file.fileno())
+            if self._durable_upto > self._synced_seq:
+                await asyncio.to_thread(os.fsync, self._file.fileno())
             self._synced_seq = max(self._synced_seq, target)
 
     # -- publishing --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from verlyard_agent.batching import Batcher
 from verlyard_agent.journal import Journal
 from verlyard_shared import codec, subjects
 from verlyard_shared.ids import new_id
-from verlyard_shared.reports import Report
+from verlyard_shared.reports import AttemptFinishedReport, CheckpointReport, Report
 from verlyard_shared.telemetry import LogBatch, LogLine, MetricBatch, MetricPoint
 
 LOG_FLUSH_S = 0.1
@@ -49,7 +49,10 @@ class Outbox:
 
     def report(self, report: Report) -> None:
         subject = subjects.report_subject(self.agent_id, report_kind(report))
-        self.reports.append(subject, report.report_id, codec.encode(report))
+        # Only an attempt's end and its checkpoints must survive a power loss before NATS has them:
+        # losing accepted/started/progress costs nothing the restarted agent does not report anyway.
+        durable = isinstance(report, AttemptFinishedReport | CheckpointReport)
+        self.reports.append(subject, report.report_id, codec.encode(report), durable=durable)
 
     def publish_telemetry(self, subject: str, msg_id: str, data: bytes) -> None:
         self.telemetry.append(subject, msg_id, data)
