@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test unit integration e2e lint up demo bench soak clean trainer-env
+.PHONY: install test unit integration e2e browser lint up demo bench soak clean trainer-env
 
 $(STAMP): shared/pyproject.toml services/*/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ integration: $(STAMP)
 
 e2e: $(STAMP)
 	$(PY) -m pytest tests/e2e -q
+
+# The dashboard in headless Debian chromium (scripts/system-deps.sh installs it) against `verlyard up`.
+browser: $(STAMP)
+	$(PY) -m pytest tests/browser -q
 
 # The full suite needs the real trainer env: a failed build fails `make test` (no silent verl skips in CI).
 test: $(STAMP)
