@@ -1,0 +1,49 @@
+"""Unit: the benchmark code's own arithmetic and data (percentiles, checks, the R1 recorded log copies,
+the result diff), so a published figure is not wrong because the harness is."""
+
+from __future__ import annotations
+
+import math
+
+from bench.compare import compare
+from bench.harness import Result, percentile, summary
+from bench.r1 import recorded_events
+from verlyard_scheduler.world import World
+
+
+def test_percentiles_interpolate_between_ranks_and_summaries_report_them() -> None:
+    values = [10.0, 20.0, 30.0, 40.0, 50.0]
+    assert percentile(values, 50) == 30.0 and percentile(values, 0) == 10.0 and percentile(values, 100) == 50.0
+    assert percentile(values, 95) == 48.0 and percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+    s = summary(list(reversed(values)))
+    assert (s["n"], s["p50"], s["min"], s["max"]) == (5, 30.0, 10.0, 50.0)
+
+
+def test_a_check_passes_only_when_the_target_holds_and_reported_figures_have_none() -> None:
+    r = Result("X", "t", {})
+    r.check("latency", "<= 5 ms", 5.0, lambda v: v <= 5)
+    r.check("latency", "<= 5 ms", 5.1, lambda v: v <= 5)
+    r.check("ratio", "(reported)", 9.0, lambda v: False, unit="x")
+    assert [c.passed for c in r.checks] == [True, False, None]
+    assert r.checks[2].measured == "9.0 x"
+
+
+def test_r1_copies_the_recorded_logs_under_fresh_ids_and_they_fold_to_their_ends() -> None:
+    batches = list(recorded_events(300))
+    envelopes = [e for b in batches for e in b]
+    assert 300 <= len(envelopes) < 300 + 40
+    assert len({e.event_id for e in envelopes}) == len(envelopes), "event ids are unique"
+    assert [e.position for e in envelopes] == list(range(1, len(envelopes) + 1))
+    assert len({b[0].stream_id for b in batches}) == len(batches), "each copy is its own pipeline"
+    world = World()
+    for e in envelopes:
+        world.apply(e, index=False, advance=False)
+    assert len(world.pipelines) == len(batches)
+    assert all(state.terminal for state in world.pipelines.values()), "the recorded logs all end"
+
+
+def test_compare_lists_the_figures_both_runs_have_with_their_change() -> None:
+    old = {"summary": {"w": {"p50": 10.0, "gone": 1.0}, "flag": True}}
+    new = {"summary": {"w": {"p50": 15.0, "new": 2.0}, "flag": False}}
+    assert compare(old, new) == [("w.p50", 10.0, 15.0, 50.0)]
