@@ -17,6 +17,7 @@ export function render(main, { params }, ctx) {
   const size = Math.min(MAX_PAGE, Math.max(1, Number(params.get("limit")) || PAGE));
   const limit = size === PAGE ? "" : String(size); // in the URL only when not the default
   let stream = null;
+  let closed = false;
   let shown = new Set();
 
   const setHash = (next) => {
@@ -74,6 +75,7 @@ export function render(main, { params }, ctx) {
     let head = 0;
     try { head = (await api("/api/v1/events/head")).position; } catch { /* the list still loads */ }
     await load();
+    if (closed) return; // the user left the page meanwhile
     stream = follow(`/api/v1/events?follow=true&after=${head}`, (type, ev) => {
       if (!ev || !ev.stream_id || !ev.stream_id.startsWith("pipeline-")) return;
       const id = ev.stream_id.slice("pipeline-".length);
@@ -81,5 +83,5 @@ export function render(main, { params }, ctx) {
       if (shown.has(id) || (type === "pipeline.submitted" && !cursor)) reload();
     }, { onState: (st) => { live.textContent = st === "open" ? "live" : st === "reconnecting" ? "reconnecting…" : ""; } });
   })();
-  return () => { reload.cancel(); if (stream) stream.close(); };
+  return () => { closed = true; reload.cancel(); if (stream) stream.close(); };
 }

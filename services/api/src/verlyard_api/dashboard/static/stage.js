@@ -32,6 +32,7 @@ export function render(main, { id, stage, params }, ctx) {
     h("h2", {}, "Checkpoints"),
     h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ["Step", "Attempt", "Path", "Size", "Saved"].map((c) => h("th", { scope: "col" }, c)))), checkpoints));
   let keys = [];
+  let closed = false;
   let streams = [];
 
   async function loadStage() {
@@ -148,6 +149,7 @@ export function render(main, { id, stage, params }, ctx) {
     try { cursor = (await api(`/api/v1/pipelines/${enc}/stream/head`)).cursor; } catch { /* from the start */ }
     await Promise.all([loadStage(), loadMetrics()]);
     await loadCheckpoints();
+    if (closed) return; // the user left the page meanwhile
     streams.push(follow(`/api/v1/pipelines/${enc}/stream?logs=false`, (type, data) => {
       if (type === "metrics") {
         if (data.points.some((p) => p.stage === stage)) refreshMetrics();
@@ -164,5 +166,5 @@ export function render(main, { id, stage, params }, ctx) {
     followLogs();
     window.__verlyardStreams = { stream: streams[0], logs: () => logStream }; // tests drop connections to check resuming
   })();
-  return () => { refreshMetrics.cancel(); refreshStage.cancel(); streams.forEach((x) => x.close()); if (logStream) logStream.close(); };
+  return () => { closed = true; refreshMetrics.cancel(); refreshStage.cancel(); streams.forEach((x) => x.close()); if (logStream) logStream.close(); };
 }
