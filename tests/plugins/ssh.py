@@ -124,6 +124,7 @@ class SshServer:
                     "PasswordAuthentication yes",
                     "KbdInteractiveAuthentication no",
                     "PubkeyAuthentication yes",
+                    "Subsystem sftp internal-sftp",
                     f"Match User {PW_USER}",
                     "  PubkeyAuthentication no",
                     f"Match User {KEY_USER}",

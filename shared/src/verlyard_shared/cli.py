@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--data-dir", type=Path, default=None, help="work folders and journal (default $VERLYARD_HOME/agent/<id>)"
     )
+    sub.add_parser("ssh-runner", help="drive the registered SSH hosts as agents (control plane; docs/adr/0011)")
     sub.add_parser("migrate", help="apply database migrations to $VERLYARD_DATABASE_URL and exit")
     token = sub.add_parser("token", help="manage API tokens (admin)").add_subparsers(
         dest="token_command", required=True, metavar="ACTION"
@@ -103,6 +104,10 @@ def _run(args: argparse.Namespace) -> int:
             return agent_main(
                 settings, agent_id=args.agent_id, slots=args.slots, labels=args.label, data_dir=args.data_dir
             )
+        case "ssh-runner":
+            from verlyard_agent.ssh.app import main as ssh_runner_main
+
+            return ssh_runner_main(settings)
         case "migrate":
             return _migrate(settings)
         case "token":

@@ -16,15 +16,17 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import msgspec
+import psutil
 import structlog
 
 from verlyard_agent import process
 from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.batching import Progress, Throttle
 from verlyard_agent.childenv import child_env
+from verlyard_agent.datasets import DatasetFetcher, DatasetUnavailable
 from verlyard_agent.failures import StopReason, classify
 from verlyard_agent.inventory import GpuProbe
 from verlyard_agent.layout import AttemptPaths
@@ -62,6 +64,37 @@ class RunnerServices:
     cancel_grace_s: float = 10.0
     watchdog: WatchdogPolicy = field(default_factory=WatchdogPolicy)
     probe: GpuProbe | None = None
+    spawner: Spawner | None = None
+    """Starts a stage's child; None: a local process (`process.spawn`). The SSH runner's spawner starts it
+    on a remote host instead (verlyard_agent/ssh/, docs/adr/0011-ssh-hosts.md)."""
+    datasets: DatasetFetcher | None = None
+    """Fetches pushed datasets from the object store; None: only what is in `datasets_dir` already."""
+
+
+class RunningChild(Protocol):
+    """What an attempt needs of its running child (`process.Child`, or a remote one)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def pgid(self) -> int: ...
+
+    async def wait(self) -> int: ...
+
+    def members(self) -> list[psutil.Process]:
+        """Local processes to signal or dump (a remote child has none here)."""
+        ...
+
+    async def stop_group(self, grace_s: float) -> process.StopResult: ...
+
+
+class Spawner(Protocol):
+    """`process.spawn`'s signature: start argv in its own process group, stream its lines to `on_line`."""
+
+    async def __call__(
+        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, on_line: process.LineSink
+    ) -> RunningChild: ...
 
 
 def folder_size(path: str) -> int | None:
@@ -134,7 +167,7 @@ class AttemptRun:
         self._log_file: IO[str] | None = None
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._lines = 0
-        self._child: process.Child | None = None
+        self._child: RunningChild | None = None
         self._stop: StopReason | None = None
         self._stop_detail = ""
         self._stop_notes: list[str] = []
@@ -168,7 +201,8 @@ class AttemptRun:
         )
         self.log(f"$ {shlex.join(argv)}  (CUDA_VISIBLE_DEVICES={full_env['CUDA_VISIBLE_DEVICES']!r})")
         try:
-            child = await process.spawn(argv, env=full_env, cwd=cwd or self.work_dir, on_line=self._on_line)
+            spawn = self._services.spawner or process.spawn
+            child = await spawn(argv, env=full_env, cwd=cwd or self.work_dir, on_line=self._on_line)
         except FileNotFoundError:
             raise StageFailure(f"cannot run {argv[0]!r}: no such program", exit_code=127) from None
         except PermissionError:
@@ -194,6 +228,18 @@ class AttemptRun:
     def log(self, text: str) -> None:
         for line in text.splitlines() or [""]:
             self._emit("agent", line)
+
+    async def fetch_dataset(self, name: str) -> Path | None:
+        fetcher = self._services.datasets
+        if fetcher is None:
+            return None
+        self.log(f"dataset {name} is not on this host yet: fetching it from the object store")
+        try:
+            path = await fetcher.fetch(name)
+        except DatasetUnavailable as exc:
+            raise StageFailure(str(exc), failure_class="infra") from None
+        self.log(f"dataset {name} fetched ({path.stat().st_size} bytes, sha256 {path.name})")
+        return path
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         for key, value in values.items():

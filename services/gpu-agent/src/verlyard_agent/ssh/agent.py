@@ -1,0 +1,128 @@
+"""Service layer: one SSH host as an agent. It is the local agent (`verlyard_agent.agent.Agent`: journal,
+registration, heartbeats, its command consumer, attempt records, cancel, drain) with one difference:
+a stage's child starts on the host (`child.RemoteSpawner`) instead of here. The agent id is
+`ssh-<host>`; its GPUs and labels are the host's last probe and its labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from verlyard_agent.agent import Agent, AgentConfig
+from verlyard_agent.ssh.child import RemoteSpawner
+from verlyard_agent.ssh.link import HostLink
+from verlyard_agent.ssh.paths import PathMap
+from verlyard_shared.events import GpuInfo
+from verlyard_shared.reports import GpuStatus
+
+REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def agent_id_for(host: str) -> str:
+    return f"ssh-{host}"
+
+
+class ProbedGpus:
+    """The host's GPUs as its last probe found them (a GpuProbe: no live NVML over SSH)."""
+
+    def __init__(self, gpus: Sequence[GpuInfo]) -> None:
+        self._gpus = tuple(gpus)
+
+    def inventory(self) -> tuple[GpuInfo, ...]:
+        return self._gpus
+
+    def status(self) -> tuple[GpuStatus, ...]:
+        return ()
+
+    def processes(self, indices: Sequence[int]) -> dict[int, tuple[int, ...]]:
+        return {}
+
+
+def gpus_from_probe(probe: Mapping[str, Any] | None) -> list[GpuInfo]:
+    out: list[GpuInfo] = []
+    for gpu in (probe or {}).get("gpus") or []:
+        if isinstance(gpu, Mapping) and isinstance(gpu.get("index"), int):
+            out.append(
+                GpuInfo(
+                    index=int(gpu["index"]),
+                    name=str(gpu.get("name") or ""),
+                    uuid=str(gpu.get("uuid") or ""),
+                    memory_total_mb=int(gpu.get("memory_total_mb") or 0),
+                )
+            )
+    return out
+
+
+def launcher_dir() -> str:
+    return str(resources.files("verlyard_agent").joinpath("launchers"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SshHostConfig:
+    name: str
+    root: str
+    """The host's verlyard folder (remote.check_root'ed)."""
+    trainer_python: str
+    gpus: tuple[GpuInfo, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict[str, str])
+    lease_s: float = 30.0
+
+
+class SshAgent(Agent):
+    def __init__(self, config: AgentConfig, host: SshHostConfig, link: HostLink) -> None:
+        super().__init__(config, probe=ProbedGpus(host.gpus))
+        self.host = host
+        self.link = link
+        self.spawner = RemoteSpawner(
+            link,
+            paths=PathMap(local_root=str(config.data_dir), remote_root=host.root),
+            shipped_prefixes=[launcher_dir(), str(config.datasets_dir)],
+            lease_s=host.lease_s,
+        )
+
+    def _open_local(self) -> None:
+        super()._open_local()
+        assert self._services is not None
+        self._services.spawner = self.spawner
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            await self.link.close()
+
+
+def ssh_agent_config(
+    host: SshHostConfig,
+    *,
+    home: Path,
+    nats_url: str,
+    nats_user: str | None = None,
+    nats_password: str | None = None,
+    nats_creds: str | None = None,
+    heartbeat_s: float = 5.0,
+    cancel_grace_s: float = 10.0,
+    slots: int = 2,
+) -> AgentConfig:
+    """The local agent's configuration for a host: its mirror folder `<home>/ssh/<host>`, its Python."""
+    agent_id = agent_id_for(host.name)
+    return AgentConfig(
+        agent_id=agent_id,
+        data_dir=home / "ssh" / host.name,
+        datasets_dir=home / "ssh-datasets",
+        nats_url=nats_url,
+        nats_user=nats_user,
+        nats_password=nats_password,
+        nats_creds=nats_creds,
+        slots=slots,
+        labels={**host.labels, "verlyard/ssh-host": host.name},
+        heartbeat_s=heartbeat_s,
+        cancel_grace_s=cancel_grace_s,
+        trainer_python=host.trainer_python,
+        # What a remote child may inherit: the host's own login environment supplies the rest.
+        host_env={"PATH": REMOTE_PATH},
+    )

@@ -1,0 +1,260 @@
+"""Integration: the SSH runner runs a real verl SFT stage on a "remote" host through a real OpenSSH server.
+
+The host is this machine reached over loopback SSH (tests/plugins/ssh.py: root with the canary key), with
+its own verlyard folder. The runner's agent (`ssh-<host>`) is the local agent's machinery over NATS; the
+test plays the scheduler (tests/integration/agent_support.py). Shown:
+- the train stage's inputs are uploaded content-addressed, verl runs detached on the host, every step's
+  metrics and the checkpoints are reported like a local agent's;
+- the server-side sshd process serving the runner's connection is killed mid-training: the run goes on,
+  the runner reconnects, re-attaches by the pid file and continues from its offsets: no step is lost;
+- cancel kills the remote process group;
+- `verlyard ssh-runner`'s core starts one agent per host registered through the API, and stops it when the
+  host is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import psutil
+import pytest
+from msgspec import structs
+from nats.js import JetStreamContext
+
+from tests.integration.agent_support import (
+    NoGpus,
+    cancel,
+    eventually,
+    finished,
+    log_lines,
+    metric_points,
+    reports,
+    run_stage,
+    send,
+)
+from tests.integration.api_app import api_env
+from tests.plugins.ssh import KEY_USER, SshServer, canary_key, key_canaries
+from tests.plugins.trainer import OFFLINE_ENV, TRAINER_ENV_TIMEOUT_S, TinyAssets
+from verlyard_agent.ssh.agent import SshAgent, SshHostConfig, ssh_agent_config
+from verlyard_agent.ssh.app import SshRunner
+from verlyard_agent.ssh.link import HostLink
+from verlyard_shared.embedded.nats import EmbeddedNats
+from verlyard_shared.hosts import pg as hosts_pg
+from verlyard_shared.hosts import ssh
+from verlyard_shared.hosts.vault import Credential, KeyRing
+from verlyard_shared.reports import AgentHello, AttemptFinishedReport, CheckpointReport
+from verlyard_shared.settings import Settings
+
+pytestmark = pytest.mark.timeout(TRAINER_ENV_TIMEOUT_S)
+
+
+@pytest.fixture
+def remote_root() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="verlyard-ssh-host-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def ssh_agent(
+    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, remote_root: Path, trainer_python: str
+) -> AsyncIterator[SshAgent]:
+    target = ssh.Target(name="loop", address=sshd.address, port=sshd.port, user=KEY_USER, host_key=None)
+    # Pin the key the way `hosts add` does, then connect only with it.
+    conn = await ssh.connect(target, Credential(private_key=canary_key()))
+    pinned = ssh.host_key_of(conn).openssh
+    await ssh.close(conn)
+    link = HostLink(replace(target, host_key=pinned), Credential(private_key=canary_key()))
+    host = SshHostConfig(name="loop", root=str(remote_root), trainer_python=trainer_python, lease_s=60.0)
+    config = ssh_agent_config(
+        host,
+        home=tmp_path / "runner",
+        nats_url=nats_server.url,
+        nats_user=nats_server.user,
+        nats_password=nats_server.password,
+        heartbeat_s=0.5,
+        cancel_grace_s=3.0,
+    )
+    config = replace(config, host_env={**config.host_env, **OFFLINE_ENV}, flush_on_exit_s=3.0)
+    agent = SshAgent(config, host, link)
+    agent._probe = NoGpus()  # pyright: ignore[reportPrivateUsage]  # the probe is the host's, tested elsewhere
+    task = asyncio.create_task(agent.run())
+    try:
+        await eventually(lambda: agent.ready.is_set() or task.done(), timeout=20)
+        if task.done():
+            task.result()
+        yield agent
+    finally:
+        if not task.done():
+            agent.request_stop()
+            agent.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+
+
+def spec_params(assets: TinyAssets, steps: int, save_every: int) -> dict[str, object]:
+    return {
+        "algorithm": "sft",
+        "model": str(assets.model),
+        "batch_size": 16,
+        "lr": 1e-3,
+        "max_length": 64,
+        "save_every": save_every,
+        "overrides": {"trainer.total_training_steps": steps},
+    }
+
+
+def pushed_inputs(assets: TinyAssets, datasets_dir: Path) -> dict[str, object]:
+    """The tiny dataset as if pushed (in the runner's datasets cache): the runner uploads it to the host."""
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    train, val = datasets_dir / "train.parquet", datasets_dir / "val.parquet"
+    shutil.copyfile(assets.train_file, train)
+    shutil.copyfile(assets.val_file, val)
+    return {"train_files": [str(train)], "val_files": [str(val)], "train_rows": assets.train_rows}
+
+
+async def steps_seen(js: JetStreamContext, attempt: str) -> set[int]:
+    return {step for step, _, _ in await metric_points(js, attempt)}
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live process of the group remains (the "remote" host is this machine)."""
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+async def test_remote_sft_survives_a_killed_ssh_connection_without_losing_a_step(
+    tmp_path: Path,
+    sshd: SshServer,
+    nats_server: EmbeddedNats,
+    js: JetStreamContext,
+    remote_root: Path,
+    trainer_python: str,
+    tiny_assets: TinyAssets,
+) -> None:
+    steps = 12  # 224 rows / batch 16 = 14 steps in the one epoch
+    async with ssh_agent(tmp_path, sshd, nats_server, remote_root, trainer_python) as agent:
+        inputs = {"prep": pushed_inputs(tiny_assets, agent.config.datasets_dir)}
+        command = run_stage(agent.agent_id, "train", spec_params(tiny_assets, steps, 6), inputs=inputs)
+        command = structs.replace(command, spec=structs.replace(command.spec, needs=("prep",)))
+        await send(js, command)
+
+        # Mid-training: kill the server-side sshd processes serving the runner's connection.
+        await eventually(lambda: _has_steps(js, command.attempt, 2), timeout=300, every=0.2)
+        killed = sshd.kill_sessions()
+        assert killed >= 1
+        before = len(await steps_seen(js, command.attempt))
+        assert before < steps, "training finished before the connection was cut: make it longer"
+
+        done = await finished(js, command.attempt, timeout=600)
+        if done.outcome != "succeeded":
+            tail = "\n".join(t for _, _, t in (await log_lines(js, command.attempt))[-30:])
+            pytest.fail(f"{done.outcome}: {done.reason}\n{tail}")
+        assert done.outcome == "succeeded", done.reason
+        assert agent.link.reconnects >= 1
+        seen = await steps_seen(js, command.attempt)
+        assert seen == set(range(1, steps + 1)), f"steps lost: {sorted(set(range(1, steps + 1)) - seen)}"
+        assert done.outputs["last_step"] == steps and done.outputs["steps_run"] == steps
+
+        checkpoints = [r for r in await reports(js, command.attempt) if isinstance(r, CheckpointReport)]
+        assert [c.step for c in checkpoints] == [6, 12]
+        assert all((c.size_bytes or 0) > 0 for c in checkpoints)
+        # The checkpoint itself stays on the host, under its verlyard folder.
+        remote_ckpt = remote_root / Path(checkpoints[-1].path).relative_to(agent.config.data_dir)
+        assert (remote_ckpt / "data_0.pt").is_file()
+        text = "\n".join(t for _, _, t in await log_lines(js, command.attempt))
+        assert "uploaded: train.parquet" in text and "uploaded: verl_cpu_sft.py" in text
+        assert f"stays on host loop at {remote_ckpt}" in text
+        assert len(list((remote_root / "blobs").iterdir())) == 3  # launcher + train + val, by sha256
+        for fragment in key_canaries():
+            assert fragment not in text
+
+
+async def _has_steps(js: JetStreamContext, attempt: str, n: int) -> bool:
+    if any(isinstance(r, AttemptFinishedReport) for r in await reports(js, attempt)):
+        done = await finished(js, attempt)
+        raise AssertionError(f"the attempt ended early: {done.outcome} {done.reason}")
+    return len(await steps_seen(js, attempt)) >= n
+
+
+async def test_cancel_kills_the_remote_process_group(
+    tmp_path: Path,
+    sshd: SshServer,
+    nats_server: EmbeddedNats,
+    js: JetStreamContext,
+    remote_root: Path,
+    trainer_python: str,
+    tiny_assets: TinyAssets,
+) -> None:
+    async with ssh_agent(tmp_path, sshd, nats_server, remote_root, trainer_python) as agent:
+        inputs = {"prep": pushed_inputs(tiny_assets, agent.config.datasets_dir)}
+        command = run_stage(agent.agent_id, "train", spec_params(tiny_assets, 14, 1000), inputs=inputs)
+        command = structs.replace(command, spec=structs.replace(command.spec, needs=("prep",)))
+        await send(js, command)
+        await eventually(lambda: _has_steps(js, command.attempt, 1), timeout=300, every=0.2)
+        pid_file = remote_root / "runs" / command.attempt / "pid"
+        pgid = int(pid_file.read_text().strip())
+        assert group_alive(pgid)
+        await send(js, cancel(command))
+        done = await finished(js, command.attempt, timeout=60)
+        assert done.outcome == "cancelled", done.reason
+        await eventually(lambda: not group_alive(pgid), timeout=10)
+
+
+async def test_the_runner_drives_each_registered_host_as_an_agent(
+    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, js: JetStreamContext, pg_pool: asyncpg.Pool
+) -> None:
+    ring_text = "k1:" + base64.b64encode(bytes(range(32))).decode()
+    ring = KeyRing.parse(ring_text)
+    async with api_env(pg_pool, roles=("admin",)) as api:
+        api.deps.services.key_ring = ring
+        body = {
+            "name": "gpubox",
+            "address": f"127.0.0.1:{sshd.port}",
+            "user": KEY_USER,
+            "private_key": canary_key(),
+            "root": str(tmp_path / "remote"),
+            "labels": {"zone": "loop"},
+        }
+        added = await api.client.post("/api/v1/hosts", json=body, headers=api.auth())
+        assert added.status_code == 201, added.text
+    settings = Settings(
+        home=tmp_path / "home",
+        nats_url=nats_server.url,
+        nats_user=nats_server.user,
+        nats_password=nats_server.password,
+        heartbeat_s=0.5,
+        secret_key=ring_text,
+    )
+    runner = SshRunner(settings, ring)
+    runner.sync({row.name: row for row in await hosts_pg.list_hosts(pg_pool)})
+    try:
+
+        async def registered() -> list[AgentHello]:
+            return [r for r in await reports(js) if isinstance(r, AgentHello) and r.agent == "ssh-gpubox"]
+
+        await eventually(lambda: _nonempty(registered()), timeout=20)
+        hello = (await registered())[0]
+        assert hello.labels == {"zone": "loop", "verlyard/ssh-host": "gpubox"} and hello.gpus == ()
+        runner.sync({})  # the host was removed: its agent drains and stops
+        await eventually(lambda: not runner._agents or all(t.done() for _, t in runner._agents.values()), timeout=20)  # pyright: ignore[reportPrivateUsage]
+    finally:
+        await runner.stop()
+
+
+async def _nonempty(items: Awaitable[list[AgentHello]]) -> bool:
+    return bool(await items)
