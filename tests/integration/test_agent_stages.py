@@ -170,3 +170,46 @@ async def test_stage_timeout_is_enforced_locally(tmp_path: Path, nats_server: Em
         await send(js, command)
         end = await finished(js, command.attempt, timeout=10)
     assert (end.outcome, end.failure_class) == ("failed", "timeout")
+
+
+async def _push_dataset(tmp_path: Path, js: JetStreamContext, name: str, data: bytes) -> str:
+    """What the API does on upload (its own adapter): the blob under its sha256 and the name pointer."""
+    from verlyard_api.adapters.dataset_store import DatasetStore
+
+    async def chunks():
+        yield data
+
+    store = DatasetStore(tmp_path / "api-datasets", js=js)
+    await asyncio.to_thread((tmp_path / "api-datasets").mkdir)
+    received = await store.receive(chunks(), limit=1 << 20)
+    await store.commit(received)
+    await store.publish(sha256=received.sha256, name=name, dataset_id="d1", size_bytes=received.size_bytes)
+    return received.sha256
+
+
+async def test_preprocess_fetches_a_pushed_dataset_this_host_does_not_have_from_the_object_store(
+    tmp_path: Path, nats_server: EmbeddedNats, js: JetStreamContext
+):
+    rows = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(10))
+    sha = await _push_dataset(tmp_path, js, "remote-sales", rows.encode())
+    async with running_agent(agent_config(tmp_path, nats_server)) as agent:
+        command = run_stage(agent.agent_id, "preprocess", {"dataset": "remote-sales", "val_fraction": 0.2})
+        await send(js, command)
+        end = await finished(js, command.attempt)
+        assert end.outcome == "succeeded", end.reason
+        assert end.outputs["rows"]["total"] == 10
+        cached = tmp_path / "datasets" / sha
+        assert (tmp_path / "datasets" / "remote-sales").resolve() == cached.resolve()
+        assert await asyncio.to_thread(cached.read_text) == rows
+        texts = [t for _, _, t in await log_lines(js, command.attempt)]
+        assert any("fetching it from the object store" in t for t in texts)
+        # A second stage finds it on the host: no second fetch.
+        again = run_stage(agent.agent_id, "preprocess", {"dataset": "remote-sales", "val_fraction": 0.2})
+        await send(js, again)
+        assert (await finished(js, again.attempt)).outcome == "succeeded"
+        assert not any("fetching" in t for _, _, t in await log_lines(js, again.attempt))
+        missing = run_stage(agent.agent_id, "preprocess", {"dataset": "never-pushed"})
+        await send(js, missing)
+        end = await finished(js, missing.attempt)
+    assert (end.outcome, end.failure_class) == ("failed", "user")
+    assert "no dataset named 'never-pushed' was pushed" in end.reason

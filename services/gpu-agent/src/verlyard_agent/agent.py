@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from verlyard_agent import process
 from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.consumer import CommandConsumer, Verdict, ensure_command_consumer
+from verlyard_agent.datasets import DatasetFetcher
 from verlyard_agent.inventory import GpuProbe, NvmlProbe, heartbeat_report, hello_report
 from verlyard_agent.journal import Journal
 from verlyard_agent.layout import attempt_paths, journal_dir, lock_file
@@ -102,6 +103,7 @@ class Agent:
         self.telemetry: Journal | None = None
         self.publishers: list[JournalPublisher] = []
         self.store: AttemptStore | None = None
+        self._datasets = DatasetFetcher(config.datasets_dir)
         self._outbox: Outbox | None = None
         self._services: RunnerServices | None = None
 
@@ -188,6 +190,7 @@ class Agent:
             for publisher in self.publishers:
                 publisher.attach(nc)
                 self._spawn(publisher.run(self._background_stop))
+            self._datasets.attach(nc.jetstream())
             self._spawn(self._heartbeats())
             self._spawn(self._sync_records())
             self._spawn(self._watch_link())
@@ -235,6 +238,7 @@ class Agent:
             cancel_grace_s=self.config.cancel_grace_s,
             watchdog=self.config.watchdog,
             probe=self._probe,
+            datasets=self._datasets,
         )
 
     async def _recover(self) -> None:

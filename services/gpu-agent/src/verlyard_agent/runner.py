@@ -26,7 +26,7 @@ from verlyard_agent import process
 from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.batching import Progress, Throttle
 from verlyard_agent.childenv import child_env
-from verlyard_agent.datasets import DatasetFetcher, DatasetUnavailable
+from verlyard_agent.datasets import DatasetFetcher, DatasetMissing, DatasetUnavailable
 from verlyard_agent.failures import StopReason, classify
 from verlyard_agent.inventory import GpuProbe
 from verlyard_agent.layout import AttemptPaths
@@ -236,6 +236,8 @@ class AttemptRun:
         self.log(f"dataset {name} is not on this host yet: fetching it from the object store")
         try:
             path = await fetcher.fetch(name)
+        except DatasetMissing as exc:
+            raise StageFailure(str(exc)) from None
         except DatasetUnavailable as exc:
             raise StageFailure(str(exc), failure_class="infra") from None
         self.log(f"dataset {name} fetched ({path.stat().st_size} bytes, sha256 {path.name})")

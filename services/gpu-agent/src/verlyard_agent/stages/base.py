@@ -79,6 +79,11 @@ class AttemptContext(Protocol):
         """One line from the agent itself into the attempt's log."""
         ...
 
+    async def fetch_dataset(self, name: str) -> Path | None:
+        """Bring pushed dataset `name` into `datasets_dir` from the object store (None: this host has
+        no object store to ask); raises StageFailure when it cannot be had."""
+        ...
+
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         """Metric values of one step (published in batches, keyed by pipeline/stage/attempt/step/key)."""
         ...

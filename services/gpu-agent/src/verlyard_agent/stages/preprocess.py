@@ -161,9 +161,23 @@ def _number(value: object, what: str, *, low: float, high: float) -> float:
     return float(value)
 
 
+async def _dataset(ctx: AttemptContext, value: object) -> Path:
+    """The dataset's local path; a pushed dataset this host does not have yet is fetched first."""
+    try:
+        return resolve_dataset(value, ctx.datasets_dir)
+    except StageFailure as missing:
+        if not (isinstance(value, str) and _NAME.fullmatch(value) and ".." not in value):
+            raise
+        if not missing.reason.startswith("no dataset named"):
+            raise
+        if await ctx.fetch_dataset(value) is None:
+            raise
+        return resolve_dataset(value, ctx.datasets_dir)
+
+
 async def run(ctx: AttemptContext) -> StageResult:
     params = ctx.params
-    path = resolve_dataset(params.get("dataset"), ctx.datasets_dir)
+    path = await _dataset(ctx, params.get("dataset"))
     val_fraction = _number(params.get("val_fraction", 0.1), "val_fraction", low=0.0, high=0.99)
     seed = params.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
