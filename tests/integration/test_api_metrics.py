@@ -100,7 +100,14 @@ async def test_long_series_are_downsampled_to_max_points(api: ApiEnv, pg_pool: a
         MetricRow(pipeline_id=pid, stage="train", attempt="a1", step=s, key="small", value=float(s), recorded_at=now)
         for s in range(300)
     ]
-    assert await store_metrics(pg_pool, rows) == 20_300
+    # A wave ends mid-range: its last point is neither its bucket's lowest nor its highest value.
+    rows += [
+        MetricRow(
+            pipeline_id=pid, stage="train", attempt="a1", step=s, key="wave", value=(s % 10) / 10, recorded_at=now
+        )
+        for s in range(1, 20_006)
+    ]
+    assert await store_metrics(pg_pool, rows) == 40_305
     assert await store_metrics(pg_pool, rows[:100]) == 0  # idempotent
 
     body = (await api.client.get(url(pid) + "?max_points=100", headers=api.auth("viewer"))).json()
@@ -109,6 +116,8 @@ async def test_long_series_are_downsampled_to_max_points(api: ApiEnv, pg_pool: a
     assert len(steps) == 100 and loss["downsampled"] and loss["total_points"] == 20_000
     assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 19_999
     assert any(p["value"] == 9.0 for p in loss["points"])  # the spike survives (min/max buckets, then LTTB)
+    wave = [p["step"] for p in next(s for s in body["series"] if s["key"] == "wave")["points"]]
+    assert (wave[0], wave[-1]) == (1, 20_005), "a long series keeps its own first and last step"
     small = next(s for s in body["series"] if s["key"] == "small")  # under 4 x max_points: read whole, then LTTB
     assert len(small["points"]) == 100 and small["total_points"] == 300
     default = (await api.client.get(url(pid) + "?keys=small", headers=api.auth("viewer"))).json()

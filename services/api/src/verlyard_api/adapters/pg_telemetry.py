@@ -136,7 +136,8 @@ async def bucketed_points(
     conn: Conn, pipeline_id: str, stage: str, series: Sequence[SeriesSummary], buckets: int
 ) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """Long series pre-aggregated in the database: each step bucket's lowest and highest value (with their
-    steps), so a million-point series crosses the wire as at most 2 x `buckets` points."""
+    steps), plus the series' first and last points (LTTB keeps those), so a million-point series crosses
+    the wire as at most 2 x `buckets` + 2 points."""
     out: dict[tuple[str, str], list[tuple[int, float]]] = {(s.attempt, s.key): [] for s in series}
     if not series:
         return out
@@ -149,6 +150,13 @@ async def bucketed_points(
           ON m.attempt = s.attempt AND m.key = s.key
         WHERE m.pipeline_id = $1 AND m.stage = $2
         GROUP BY m.attempt, m.key, (m.step - s.first) * $7 / (s.last - s.first + 1)
+        UNION ALL
+        -- the series' own first and last points, which a bucket's extremes need not include
+        SELECT m.attempt, m.key, ARRAY[m.value, m.step::float8], ARRAY[m.value, m.step::float8]
+        FROM metrics m
+        JOIN unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[]) AS s(attempt, key, first, last)
+          ON m.attempt = s.attempt AND m.key = s.key AND m.step IN (s.first, s.last)
+        WHERE m.pipeline_id = $1 AND m.stage = $2
         """,
         pipeline_id,
         stage,
