@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from soak.checker import Event, Fault, Verdict, check, render, summary
-from soak.harness import Load, SoakStack, StackConfig, pipeline_spec
+from soak.harness import Load, NetNs, SoakStack, StackConfig, pipeline_spec
 from soak.loader import load, projector_caught_up
 from soak.scenarios import SCENARIOS, Bar, Run, Scenario
 
@@ -56,7 +56,7 @@ async def _published(
     from verlyard_shared import subjects
     from verlyard_shared.nats_topology import connect_nats
 
-    nc = await connect_nats(stack.nats.url, name="soak-check", user=stack.nats.user, password=stack.nats.password)
+    nc = await connect_nats(stack.nats_url, name="soak-check", user=stack.nats.user, password=stack.nats.password)
     try:
         js = nc.jetstream()
         info = await js.stream_info(subjects.STREAM_EVENTS)
@@ -111,7 +111,7 @@ def _machine() -> dict[str, Any]:
 async def run_scenario(
     scenario: Scenario, *, pipelines: int, faults: int, seed: int, quick: bool, settle_s: float, keep: bool = False
 ) -> tuple[Verdict, list[Bar], dict[str, Any]]:
-    stack = SoakStack(StackConfig())
+    stack = SoakStack(StackConfig(netns_agents=scenario.netns_agents))
     t0 = time.monotonic()
     run: Run | None = None
     try:
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         scenario = SCENARIOS[name]
+        if scenario.netns_agents and NetNs.available() is not None:
+            print(f"soak {name}: SKIPPED ({NetNs.available()})", flush=True)
+            continue
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
         pipelines = args.pipelines or (8 if args.quick else 30)
         faults = args.faults if args.faults is not None else scenario.default_faults

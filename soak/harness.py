@@ -119,12 +119,73 @@ class Service:
             return "(no log)"
 
 
+class NetNs:
+    """A network namespace joined to the host by a veth pair (root and iproute2 needed).
+
+    The agent inside reaches nats-server at the host end's address; `partition` takes the namespace's
+    end of the link down, so packets vanish both ways and TCP connections hang without a reset (what a
+    cut cable or a dead switch looks like to both sides); `heal` brings it back.
+    """
+
+    def __init__(self, index: int) -> None:
+        tag = f"{os.getpid() % 100000}{index}"
+        self.name = f"vysoak{tag}"
+        self.host_if, self.ns_if = f"vyh{tag}"[:15], f"vyn{tag}"[:15]
+        octet = 100 + (os.getpid() + index) % 150
+        self.host_ip, self.ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+        self.created = False
+
+    @staticmethod
+    def available() -> str | None:
+        """None when namespaces can be made here, else why not."""
+        if os.geteuid() != 0:
+            return "network namespaces need root"
+        if shutil.which("ip") is None:
+            return "iproute2 (`ip`) is not installed"
+        return None
+
+    def _ip(self, *args: str, ns: bool = False) -> None:
+        argv = ["ip", *(("netns", "exec", self.name, "ip") if ns else ()), *args]
+        subprocess.run(argv, check=True, capture_output=True, timeout=10)
+
+    def create(self) -> None:
+        self._ip("netns", "add", self.name)
+        self.created = True
+        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+        self._ip("link", "set", self.ns_if, "netns", self.name)
+        self._ip("addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+        self._ip("link", "set", self.host_if, "up")
+        self._ip("addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if, ns=True)
+        self._ip("link", "set", self.ns_if, "up", ns=True)
+        self._ip("link", "set", "lo", "up", ns=True)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def partition(self) -> None:
+        self._ip("link", "set", self.ns_if, "down", ns=True)
+
+    def heal(self) -> None:
+        self._ip("link", "set", self.ns_if, "up", ns=True)
+
+    def delete(self) -> None:
+        if not self.created:
+            return
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._ip("link", "del", self.host_if)
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._ip("netns", "del", self.name)
+        self.created = False
+
+
 @dataclass
 class StackConfig:
     agents: int = 2
     slots: int = 4
     lease_s: float = 15.0
     heartbeat_s: float = 1.0
+    netns_agents: int = 0
+    """How many of the agents (the last ones) run in their own network namespace (T7N's partition)."""
 
 
 class SoakStack:
@@ -135,8 +196,15 @@ class SoakStack:
         self.home = Path(tempfile.mkdtemp(prefix="verlyard-soak-"))
         self.home.chmod(0o755)  # the embedded Postgres runs as an unprivileged user when we are root
         self.postgres = EmbeddedPostgres(self.home / "postgres", port=free_port())
+        self.netns = [NetNs(i) for i in range(self.config.netns_agents)]
+        # An agent in a namespace reaches nats-server through the veth: then it listens on every address
+        # (still password-only); host-side clients keep using the loopback.
         self.nats = EmbeddedNats(
-            self.home / "nats", port=free_port(), user="verlyard", password=secrets.token_urlsafe(24)
+            self.home / "nats",
+            port=free_port(),
+            user="verlyard",
+            password=secrets.token_urlsafe(24),
+            host="0.0.0.0" if self.netns else "127.0.0.1",
         )
         self.api_port = free_port()
         self.services: dict[str, Service] = {}
@@ -150,10 +218,16 @@ class SoakStack:
     def database_url(self) -> str:
         return self.postgres.url
 
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats.port}"
+
     def agent_ids(self) -> list[str]:
         return [f"soak-agent-{i + 1}" for i in range(self.config.agents)]
 
     def start(self, timeout_s: float = 120.0) -> None:
+        for ns in self.netns:
+            ns.create()
         self.postgres.init()
         self.postgres.start()
         self.nats.start()
@@ -161,7 +235,7 @@ class SoakStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VERLYARD_")} | {
             "VERLYARD_HOME": str(self.home),
             "VERLYARD_DATABASE_URL": self.postgres.url,
-            "VERLYARD_NATS_URL": self.nats.url,
+            "VERLYARD_NATS_URL": f"nats://127.0.0.1:{self.nats.port}",
             "VERLYARD_NATS_USER": self.nats.user,
             "VERLYARD_NATS_PASSWORD": self.nats.password,
             "VERLYARD_API_HOST": "127.0.0.1",
@@ -178,10 +252,17 @@ class SoakStack:
         self.services["scheduler"] = Service(
             "scheduler", [py, "-m", "verlyard_shared.cli", "scheduler"], env, logs / "scheduler.log"
         )
-        for agent in self.agent_ids():
+        ids = self.agent_ids()
+        for i, agent in enumerate(ids):
             argv = [py, "-m", "soak.agent_shim", "--id", agent, "--slots", str(self.config.slots)]
             argv += ["--data-dir", str(self.home / "agents" / agent)]
-            self.services[agent] = Service(agent, argv, env, logs / f"{agent}.log")
+            agent_env = env
+            ns_index = i - (len(ids) - len(self.netns))
+            if ns_index >= 0:
+                ns = self.netns[ns_index]
+                argv = ns.wrap(argv)
+                agent_env = env | {"VERLYARD_NATS_URL": f"nats://{ns.host_ip}:{self.nats.port}"}
+            self.services[agent] = Service(agent, argv, agent_env, logs / f"{agent}.log")
         for service in self.services.values():
             service.start()
         self.wait_ready(timeout_s)
@@ -196,7 +277,7 @@ class SoakStack:
             await migrate(pool)
         finally:
             await pool.close()
-        nc = await connect_nats(self.nats.url, name="soak", user=self.nats.user, password=self.nats.password)
+        nc = await connect_nats(self.nats_url, name="soak", user=self.nats.user, password=self.nats.password)
         try:
             await ensure_topology(nc.jetstream())
         finally:
@@ -237,6 +318,8 @@ class SoakStack:
             self.nats.stop()
         with contextlib.suppress(Exception):
             self.postgres.stop()
+        for ns in self.netns:
+            ns.delete()
         if not keep:
             shutil.rmtree(self.home, ignore_errors=True)
 

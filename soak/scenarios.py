@@ -53,6 +53,8 @@ class Scenario:
     """How many of the pipelines carry a poison stage (expected to fail)."""
     default_faults: int = 10
     probe_every_s: float = 0.5
+    netns_agents: int = 0
+    """Agents run in their own network namespace (the last ones)."""
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -84,14 +86,15 @@ def _common(verdict: Verdict) -> list[Bar]:
     ]
 
 
-async def _busy_agent(run: Run) -> str | None:
-    """An agent that holds a running attempt right now (from the API's read model)."""
+async def _busy_agent(run: Run, among: set[str] | None = None) -> str | None:
+    """An agent (of `among`, default any) that holds a running attempt right now (the API's read model)."""
     try:
         response = await run.load.http.get("/api/v1/agents")
         items = response.json().get("items", [])
     except Exception:
         return None
     busy = [a["id"] for a in items if any(t["status"] == "running" for t in a.get("attempts", []))]
+    busy = [a for a in busy if among is None or a in among]
     return run.rng.choice(sorted(busy)) if busy else None
 
 
@@ -143,6 +146,7 @@ async def inject_t2(run: Run) -> None:
 def bars_t2(run: Run, verdict: Verdict) -> list[Bar]:
     return [
         *_common(verdict),
+        _published_bar(run),
         _bar_max(
             verdict,
             "nats_kill.first_report_event_s",
@@ -175,21 +179,21 @@ async def inject_t6(run: Run) -> None:
             run.fault("nats_kill", "nats-server", at, time.time())
 
 
-def bars_t6(run: Run, verdict: Verdict) -> list[Bar]:
-    out = [*_common(verdict)]
+def _published_bar(run: Run) -> Bar:
     published = run.extra.get("published")
     if published is None:
-        out.append(Bar("published ⊇ committed", "every committed event on VY_EVENTS once", "not checked", None))
-    else:
-        found, committed, repeats = published
-        out.append(
-            Bar(
-                "published ⊇ committed",
-                "every committed event on VY_EVENTS once",
-                f"{found} of {committed} committed events, {repeats} stored twice",
-                found == committed and repeats == 0,
-            )
-        )
+        return Bar("published ⊇ committed", "every committed event on VY_EVENTS once", "not checked", None)
+    found, committed, repeats = published
+    return Bar(
+        "published ⊇ committed",
+        "every committed event on VY_EVENTS once",
+        f"{found} of {committed} committed events, {repeats} stored twice",
+        found == committed and repeats == 0,
+    )
+
+
+def bars_t6(run: Run, verdict: Verdict) -> list[Bar]:
+    out = [*_common(verdict), _published_bar(run)]
     lag = run.extra.get("relay_lag_p99_ms")
     out.append(
         Bar(
@@ -239,6 +243,72 @@ def bars_t7(run: Run, verdict: Verdict) -> list[Bar]:
             "all",
             f"{verdict.resumed_from_checkpoint} resumed, {verdict.resume_mismatches} mismatched",
             verdict.resume_mismatches == 0 and verdict.resumed_from_checkpoint > 0,
+        ),
+    ]
+
+
+# ---- T7N: a network partition of an agent's host (netns + veth) -----------------------------------------
+
+
+async def _agent_active(run: Run, agent: str) -> bool:
+    try:
+        response = await run.load.http.get("/api/v1/agents")
+        return any(a["id"] == agent and a["state"] == "active" for a in response.json().get("items", []))
+    except Exception:
+        return False
+
+
+async def inject_t7n(run: Run) -> None:
+    """Cut the namespaced agent off (both ways, no reset) past its lease while it runs stages, then heal.
+    It keeps running and journaling meanwhile; its stale reports must be rejected after the heal."""
+    ns = run.stack.netns[0]
+    agent = run.stack.agent_ids()[-1]
+    lease = run.stack.config.lease_s
+    rejoin: list[float] = []
+    done = 0
+    deadline = time.monotonic() + 90 + (lease + 25) * run.faults
+    while done < run.faults and time.monotonic() < deadline:
+        await _gap(run, 2.0, 4.0)
+        if await _busy_agent(run, among={agent}) is None:
+            continue
+        at = time.time()
+        await asyncio.to_thread(ns.partition)
+        await asyncio.sleep(lease + 5.0)
+        await asyncio.to_thread(ns.heal)
+        healed = time.time()
+        run.fault("agent_partition", agent, at, healed)
+        done += 1
+        while time.time() - healed < 60 and not await _agent_active(run, agent):
+            await asyncio.sleep(0.25)
+        rejoin.append(time.time() - healed)
+        await asyncio.sleep(3.0)
+    run.extra["rejoin_s"] = rejoin
+
+
+def bars_t7n(run: Run, verdict: Verdict) -> list[Bar]:
+    lease = run.stack.config.lease_s
+    rejoin: list[float] = run.extra.get("rejoin_s", [])
+    return [
+        *_common(verdict),
+        _bar_max(
+            verdict,
+            "agent_partition.lost_detected_s",
+            lease + 2.0,
+            "cut-off agent's attempts declared lost",
+            f"< lease + 2 s ({lease + 2:.0f} s)",
+        ),
+        _bar_max(verdict, "agent_partition.replaced_s", 3.0, "new attempt placed after the loss", "< 3 s"),
+        Bar(
+            "stale reports after the heal rejected (audited), none applied",
+            "all",
+            f"{verdict.stale_rejected} rejected {verdict.rejected_reasons}; unexpected {verdict.unexpected}",
+            verdict.unexpected == 0,
+        ),
+        Bar(
+            "agent active again after the heal",
+            "< 10 s",
+            f"max {max(rejoin):.2f} s" if rejoin else "not observed",
+            bool(rejoin) and max(rejoin) < 10.0,
         ),
     ]
 
@@ -415,6 +485,14 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "T6": Scenario("T6", "relay crashes (api+relay kill -9) and NATS kills", inject_t6, bars_t6, default_faults=15),
     "T7": Scenario("T7", "agent kill -9 mid-stage, restarted", inject_t7, bars_t7, default_faults=6),
+    "T7N": Scenario(
+        "T7N",
+        "network partition of an agent's host (netns + veth, link down) past its lease, then healed",
+        inject_t7n,
+        bars_t7n,
+        default_faults=3,
+        netns_agents=1,
+    ),
     "T8": Scenario("T8", "SIGSTOP an agent past its lease, then SIGCONT", inject_t8, bars_t8, default_faults=3),
     "T14": Scenario(
         "T14", "Postgres stop -m immediate under load", inject_t14, bars_t14, default_faults=10, probe_every_s=0.2
