@@ -206,8 +206,19 @@ def _last_words(lines: Sequence[str]) -> str:
     return ""
 
 
-def _from_exit_code(exit_code: int | None, lines: Sequence[str]) -> Diagnosis:
+def _from_exit_code(exit_code: int | None, lines: Sequence[str], oom_kills: int | None) -> Diagnosis:
     sig = signal_of(exit_code)
+    if sig == 9 and oom_kills is not None and oom_kills > 0:
+        return Diagnosis(
+            failure_class="oom",
+            reason=f"killed by the kernel's OOM killer (the memory cgroup recorded {oom_kills} OOM kill(s) meanwhile)",
+        )
+    if sig == 9 and oom_kills == 0:
+        return Diagnosis(
+            failure_class="preempted",
+            reason="killed by SIGKILL from outside verlyard "
+            "(not the OOM killer: the memory cgroup recorded no OOM kill)",
+        )
     if sig == 9:
         return Diagnosis(
             failure_class="oom",
@@ -231,8 +242,10 @@ def classify(
     stop: StopReason | None = None,
     stop_detail: str = "",
     first_line: int = 0,
+    oom_kills: int | None = None,
 ) -> Diagnosis:
-    """Why a failed attempt failed. `lines` is its log (or tail), `stop` what the agent did to it.
+    """Why a failed attempt failed. `lines` is its log (or tail), `stop` what the agent did to it,
+    `oom_kills` how many OOM kills its memory cgroup recorded while it ran (None: unknown).
 
     A stop the agent made wins (the user cancelled; the stage timed out; the agent was shut down),
     except a hang: processes that hang after an OOM or a CUDA/NCCL error (the other ranks waiting
@@ -252,4 +265,4 @@ def classify(
         return Diagnosis(failure_class="hang", reason=hang)
     if cause is not None:
         return cause
-    return _from_exit_code(exit_code, lines)
+    return _from_exit_code(exit_code, lines, oom_kills)

@@ -22,7 +22,7 @@ import msgspec
 import psutil
 import structlog
 
-from verlyard_agent import process
+from verlyard_agent import oomwatch, process
 from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.batching import Progress, Throttle
 from verlyard_agent.childenv import child_env
@@ -170,6 +170,7 @@ class AttemptRun:
         self._child: RunningChild | None = None
         self._stop: StopReason | None = None
         self._stop_detail = ""
+        self._oom_kills_before: int | None = None
         self._stop_notes: list[str] = []
         policy = _watchdog_policy(self.params, services.watchdog)
         self._watch: StepWatch | None = StepWatch(policy) if policy is not None else None
@@ -228,6 +229,14 @@ class AttemptRun:
     def log(self, text: str) -> None:
         for line in text.splitlines() or [""]:
             self._emit("agent", line)
+
+    def _oom_kills_during(self) -> int | None:
+        """OOM kills in the agent's memory cgroup since the attempt started (None: not readable). A
+        shared cgroup may count another process's kill too: then it still reads as an OOM, as before."""
+        after = oomwatch.oom_kills()
+        if after is None or self._oom_kills_before is None:
+            return None
+        return max(0, after - self._oom_kills_before)
 
     async def fetch_dataset(self, name: str) -> Path | None:
         fetcher = self._services.datasets
@@ -398,6 +407,7 @@ class AttemptRun:
 
     async def execute(self) -> AttemptFinishedReport:
         """Run the attempt to its end and journal `rpt.finished` (never raises for a stage's failure)."""
+        self._oom_kills_before = oomwatch.oom_kills()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = self._paths.log_file.open("a", encoding="utf-8", buffering=1)
         self._record("running")
@@ -505,6 +515,7 @@ class AttemptRun:
                     stop=stop,
                     stop_detail=self._stop_detail,
                     first_line=self._lines - len(tail),
+                    oom_kills=self._oom_kills_during(),
                 )
                 outcome, failure_class = "failed", diagnosis.failure_class
                 reason = diagnosis.reason if stop is not None or not reason else f"{diagnosis.reason} ({reason})"
