@@ -19,9 +19,12 @@ import base64
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -42,15 +45,18 @@ from tests.integration.agent_support import (
     send,
 )
 from tests.integration.api_app import api_env
-from tests.plugins.ssh import KEY_USER, SshServer, canary_key, key_canaries
+from tests.plugins.ssh import KEY_USER, SshServer, canary_key, key_canaries, new_sshd
 from tests.plugins.trainer import OFFLINE_ENV, TRAINER_ENV_TIMEOUT_S, TinyAssets
+from verlyard_agent.attempts import AttemptStore
+from verlyard_agent.lifecycle import AttemptRecord
 from verlyard_agent.ssh.agent import SshAgent, SshHostConfig, ssh_agent_config
 from verlyard_agent.ssh.app import SshRunner
 from verlyard_agent.ssh.link import HostLink
 from verlyard_shared.embedded.nats import EmbeddedNats
 from verlyard_shared.hosts import pg as hosts_pg
-from verlyard_shared.hosts import ssh
+from verlyard_shared.hosts import remote, ssh
 from verlyard_shared.hosts.vault import Credential, KeyRing
+from verlyard_shared.ids import new_id
 from verlyard_shared.reports import AgentHello, AttemptFinishedReport, CheckpointReport
 from verlyard_shared.settings import Settings
 
@@ -68,7 +74,13 @@ def remote_root() -> Iterator[Path]:
 
 @contextlib.asynccontextmanager
 async def ssh_agent(
-    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, remote_root: Path, trainer_python: str
+    tmp_path: Path,
+    sshd: SshServer,
+    nats_server: EmbeddedNats,
+    remote_root: Path,
+    trainer_python: str = "python3",
+    *,
+    lease_s: float = 60.0,
 ) -> AsyncIterator[SshAgent]:
     target = ssh.Target(name="loop", address=sshd.address, port=sshd.port, user=KEY_USER, host_key=None)
     # Pin the key the way `hosts add` does, then connect only with it.
@@ -76,7 +88,7 @@ async def ssh_agent(
     pinned = ssh.host_key_of(conn).openssh
     await ssh.close(conn)
     link = HostLink(replace(target, host_key=pinned), Credential(private_key=canary_key()))
-    host = SshHostConfig(name="loop", root=str(remote_root), trainer_python=trainer_python, lease_s=60.0)
+    host = SshHostConfig(name="loop", root=str(remote_root), trainer_python=trainer_python, lease_s=lease_s)
     config = ssh_agent_config(
         host,
         home=tmp_path / "runner",
@@ -128,6 +140,10 @@ async def steps_seen(js: JetStreamContext, attempt: str) -> set[int]:
     return {step for step, _, _ in await metric_points(js, attempt)}
 
 
+def read_pgid(pid_file: Path) -> int:
+    return int(pid_file.read_text().strip())
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any live process of the group remains (the "remote" host is this machine)."""
     for proc in psutil.process_iter(["pid"]):
@@ -159,6 +175,7 @@ async def test_remote_sft_survives_a_killed_ssh_connection_without_losing_a_step
         assert killed >= 1
         before = len(await steps_seen(js, command.attempt))
         assert before < steps, "training finished before the connection was cut: make it longer"
+        assert_no_secret_in_argv()  # T12: while the run and the runner's connection are live
 
         done = await finished(js, command.attempt, timeout=600)
         if done.outcome != "succeeded":
@@ -207,7 +224,7 @@ async def test_cancel_kills_the_remote_process_group(
         await send(js, command)
         await eventually(lambda: _has_steps(js, command.attempt, 1), timeout=300, every=0.2)
         pid_file = remote_root / "runs" / command.attempt / "pid"
-        pgid = int(pid_file.read_text().strip())
+        pgid = read_pgid(pid_file)
         assert group_alive(pgid)
         await send(js, cancel(command))
         done = await finished(js, command.attempt, timeout=60)
@@ -258,3 +275,99 @@ async def test_the_runner_drives_each_registered_host_as_an_agent(
 
 async def _nonempty(items: Awaitable[list[AgentHello]]) -> bool:
     return bool(await items)
+
+
+COUNT_LINES = "for i in $(seq 1 60); do echo line-$i; sleep 0.05; done"
+
+
+async def test_a_dropped_connection_loses_no_output_line(
+    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, js: JetStreamContext, remote_root: Path
+) -> None:
+    """No verl: a command stage printing numbered lines; the connection is killed twice while it runs."""
+    async with ssh_agent(tmp_path, sshd, nats_server, remote_root) as agent:
+        command = run_stage(agent.agent_id, "command", {"run": ["sh", "-c", COUNT_LINES]})
+        await send(js, command)
+
+        async def printed(n: int) -> bool:
+            return sum(1 for _, _, t in await log_lines(js, command.attempt) if t.startswith("line-")) >= n
+
+        await eventually(lambda: printed(10), timeout=30)
+        assert sshd.kill_sessions() >= 1
+        await eventually(lambda: printed(30), timeout=30)
+        assert sshd.kill_sessions() >= 1
+        done = await finished(js, command.attempt, timeout=60)
+        assert done.outcome == "succeeded", done.reason
+        lines = [t for _, _, t in await log_lines(js, command.attempt) if t.startswith("line-")]
+        assert lines == [f"line-{i}" for i in range(1, 61)]  # each once, in order
+        assert agent.link.reconnects >= 2
+        assert_no_secret_in_argv()
+
+
+async def test_an_unreachable_host_loses_the_attempt_only_after_the_lease(
+    tmp_path: Path, sshd_factory: list[SshServer], nats_server: EmbeddedNats, js: JetStreamContext, remote_root: Path
+) -> None:
+    server = new_sshd(sshd_factory)
+    lease = 3.0
+    async with ssh_agent(tmp_path, server, nats_server, remote_root, lease_s=lease) as agent:
+        command = run_stage(agent.agent_id, "command", {"run": ["sleep", "120"]})
+        await send(js, command)
+        pid_file = remote_root / "runs" / command.attempt / "pid"
+        await eventually(pid_file.exists, timeout=30)
+        pgid = read_pgid(pid_file)
+        try:
+            await asyncio.to_thread(server.stop)  # the host stops answering SSH (the run goes on)
+            stopped_at = time.monotonic()
+            done = await finished(js, command.attempt, timeout=60)
+            waited = time.monotonic() - stopped_at
+            assert done.outcome == "failed" and done.failure_class == "lost", done
+            assert "unreachable" in done.reason and "longer than the lease" in done.reason
+            assert waited >= lease, f"declared lost after {waited:.1f} s, before the {lease} s lease"
+            assert group_alive(pgid)  # the host's run itself was never touched
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        assert agent.link.down_for() > lease
+
+
+def assert_no_secret_in_argv() -> None:
+    argv = "\n".join(" ".join(p.info.get("cmdline") or []) for p in psutil.process_iter(["cmdline"]))
+    for fragment in key_canaries():
+        assert fragment not in argv
+
+
+async def test_a_restarted_runner_stops_what_its_lost_attempts_left_on_the_host(
+    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, js: JetStreamContext, remote_root: Path
+) -> None:
+    """The runner died mid-attempt (its record says running); on restart the remote group is killed and the
+    attempt reported lost (the scheduler retries it from its last checkpoint)."""
+    attempt, pipeline_id = new_id(), new_id()
+    store = AttemptStore(tmp_path / "runner" / "ssh" / "loop")
+    store.put(
+        AttemptRecord(
+            attempt=attempt,
+            pipeline_id=pipeline_id,
+            stage="s1",
+            kind="command",
+            state="running",
+            updated_at=datetime.now(UTC),
+        )
+    )
+    await store.sync()
+    store.close()
+    target = ssh.Target(name="loop", address=sshd.address, port=sshd.port, user=KEY_USER, host_key=None)
+    conn = await ssh.connect(target, Credential(private_key=canary_key()))
+    files = remote.run_files(str(remote_root), "runs", attempt)
+    await ssh.run(conn, remote.launch_detached(files, ["sleep", "120"], env={}, cwd=str(remote_root)))
+    await ssh.close(conn)
+    pid_file = Path(files.pid_file)
+    await eventually(pid_file.exists, timeout=10)
+    pgid = read_pgid(pid_file)
+    assert group_alive(pgid)
+    try:
+        async with ssh_agent(tmp_path, sshd, nats_server, remote_root):
+            done = await finished(js, attempt, timeout=30)
+            assert done.outcome == "failed" and done.failure_class == "lost"
+            await eventually(lambda: not group_alive(pgid), timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from verlyard_agent.ssh.paths import PathMap, blob_path, rewrite, shipped_files
 from verlyard_shared.hosts import remote
 from verlyard_shared.hosts.probe import parse_probe, probe_script
 from verlyard_shared.hosts.remote import RemoteError
@@ -258,3 +259,62 @@ def test_a_credential_is_a_password_or_a_key() -> None:
         Credential(password="a", private_key="b")
     with pytest.raises(VaultError):
         Credential(password="a", passphrase="p")
+
+
+# ---- the SSH runner's path mapping (verlyard_agent.ssh.paths) ----------------------------------------------
+
+LOCAL = "/var/lib/verlyard/ssh/box"
+
+
+def test_mirror_paths_are_rewritten_to_the_host_root() -> None:
+    paths = PathMap(local_root=LOCAL, remote_root=ROOT)
+    assert paths.to_remote(f"{LOCAL}/pipelines/p/s/attempts/a") == f"{ROOT}/pipelines/p/s/attempts/a"
+    token = f"trainer.default_local_dir='{LOCAL}/pipelines/p/s/checkpoints'"
+    assert paths.to_remote(token) == f"trainer.default_local_dir='{ROOT}/pipelines/p/s/checkpoints'"
+    assert paths.to_remote(f"data.files=[{LOCAL}/a.parquet,{LOCAL}/b.parquet]") == (
+        f"data.files=[{ROOT}/a.parquet,{ROOT}/b.parquet]"
+    )
+    assert paths.to_remote(f"{LOCAL}x/other") == f"{LOCAL}x/other"  # a sibling folder is not ours
+    assert paths.to_local(f"{ROOT}/pipelines/p") == f"{LOCAL}/pipelines/p"
+    with pytest.raises(ValueError, match="not under the host's verlyard folder"):
+        paths.to_local("/etc/passwd")
+    with pytest.raises(RemoteError):
+        paths.to_remote(f"{LOCAL}/../../etc/passwd")
+
+
+@settings(max_examples=300)
+@given(st.lists(segments, min_size=1, max_size=5), anything)
+def test_rewritten_mirror_paths_never_leave_the_host_root(parts: list[str], prefix: str) -> None:
+    paths = PathMap(local_root=LOCAL, remote_root=ROOT)
+    text = prefix + LOCAL + "/" + "/".join(parts)
+    try:
+        out = paths.to_remote(text)
+    except RemoteError:
+        return
+    assert LOCAL + "/" not in out.replace(prefix, "", 1) or LOCAL in prefix
+    if LOCAL not in prefix:
+        rest = out[len(prefix) :]
+        path = rest.split("'")[0].split(",")[0].split("]")[0].split("=")[0].split(":")[0].split(";")[0].split()[0]
+        assert remote.contains(ROOT, path), (text, out)
+
+
+def test_shipped_files_and_blobs() -> None:
+    texts = ["/opt/vy/launchers/verl_cpu_sft.py", "data.train_files=['/cache/ds/train.parquet']", "/elsewhere/x"]
+    assert shipped_files(texts, ["/opt/vy/launchers", "/cache/ds"]) == [
+        "/opt/vy/launchers/verl_cpu_sft.py",
+        "/cache/ds/train.parquet",
+    ]
+    digest = "a" * 64
+    assert blob_path(ROOT, digest, "train.parquet") == f"{ROOT}/blobs/{digest}/train.parquet"
+    for bad_digest, name in (("../x", "a"), (digest, ".."), (digest, "a/b")):
+        with pytest.raises(ValueError, match=r"sha256|segment"):
+            blob_path(ROOT, bad_digest, name)
+    argv, env, cwd = rewrite(
+        ["python", "/opt/vy/launchers/verl_cpu_sft.py", f"x={LOCAL}/w"],
+        {"VERLYARD_WORK_DIR": f"{LOCAL}/w"},
+        f"{LOCAL}/w",
+        paths=PathMap(local_root=LOCAL, remote_root=ROOT),
+        uploads={"/opt/vy/launchers/verl_cpu_sft.py": f"{ROOT}/blobs/{digest}/verl_cpu_sft.py"},
+    )
+    assert argv == ["python", f"{ROOT}/blobs/{digest}/verl_cpu_sft.py", f"x={ROOT}/w"]
+    assert env == {"VERLYARD_WORK_DIR": f"{ROOT}/w"} and cwd == f"{ROOT}/w"

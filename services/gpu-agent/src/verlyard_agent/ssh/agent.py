@@ -14,9 +14,11 @@ from typing import Any
 
 from verlyard_agent.agent import Agent, AgentConfig
 from verlyard_agent.ssh.child import RemoteSpawner
-from verlyard_agent.ssh.link import HostLink
+from verlyard_agent.ssh.link import HostLink, LinkDown
 from verlyard_agent.ssh.paths import PathMap
 from verlyard_shared.events import GpuInfo
+from verlyard_shared.hosts import remote
+from verlyard_shared.hosts.remote import RemoteError
 from verlyard_shared.reports import GpuStatus
 
 REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -88,6 +90,19 @@ class SshAgent(Agent):
         super()._open_local()
         assert self._services is not None
         self._services.spawner = self.spawner
+
+    async def _recover(self) -> None:
+        """Before the local agent reports them lost (ADR 0008, decision 4): stop what is left of those
+        attempts on the host, so a run nobody follows any more does not hold its GPUs."""
+        assert self.store is not None
+        for record in self.store.unfinished():
+            files = remote.run_files(self.host.root, "runs", record.attempt)
+            try:
+                await self.link.run(remote.signal_group(files, "KILL"), timeout_s=20.0)
+                self._log.warning("remote_leftovers_stopped", attempt=record.attempt, run=files.folder)
+            except (LinkDown, RemoteError) as exc:
+                self._log.error("remote_leftovers_not_stopped", attempt=record.attempt, error=str(exc))
+        await super()._recover()
 
     async def run(self) -> None:
         try:
