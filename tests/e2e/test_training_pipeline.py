@@ -8,8 +8,9 @@ the pipeline `cancelled` with no process of the attempt left; a malformed datase
 number, and a wholly bad one fails the preprocess stage with a clear class and reason.
 
 Why the resume test kills the agent and not the trainer: a trainer killed by SIGKILL from outside is
-classified `oom` (failures.py: that is what the kernel's OOM killer looks like), which a `lost`/`infra`
-retry policy rightly does not retry. `kill -9` of the agent is the crash the system recovers from by
+classified by its memory cgroup's OOM-kill count (`oom` if it rose, `preempted` if not, `oom` when the
+count cannot be read: failures.py, oomwatch.py), so its class depends on the host; the agent's crash
+does not. `kill -9` of the agent is the crash the system recovers from by
 design (ADR 0008 decision 4): the trainer dies with it (PR_SET_PDEATHSIG), the supervisor of `verlyard up`
 restarts the agent, which finds its attempt record, kills the leftovers (by their `VERLYARD_ATTEMPT`
 marker) and reports the attempt `lost`; the scheduler retries it with `resume_path` at the latest
@@ -374,3 +375,21 @@ def test_malformed_datasets(stack: Stack) -> None:
     reason = attempt["reason"] or stage["reason"]
     assert "no usable rows" in reason and "line 1" in reason, reason
     assert "Traceback" not in reason
+
+
+def test_replay_verify_finds_the_read_models_equal_to_the_log_these_runs_filled(stack: Stack) -> None:
+    """Last in the module: the database now holds every run above (training, a resume after a killed
+    agent, a cancel, bad data); rebuilding the read models from the log must match what is stored."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERLYARD_")}
+    env |= {"VERLYARD_API_URL": stack.api, "VERLYARD_TOKEN": (stack.home / "admin-token").read_text().strip()}
+    done = subprocess.run(
+        [sys.executable, "-m", "verlyard_shared.cli", "replay", "--verify", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is True and report["differences"] == [], report
+    assert report["pipelines"] >= 5, report
