@@ -58,6 +58,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	scripts/trainer-env.sh >/dev/null
+	scripts/system-deps.sh || echo "wrk unavailable: H1 falls back to a Python load client"
 	$(PY) -m bench
 
 # Fault injection (docs/reliability.md): T1 T2 T6 T7 T8 T14 T15, each on its own throwaway stack, one at a

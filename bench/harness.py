@@ -240,6 +240,8 @@ class Client:
 
     def __init__(self, stack: Stack, connections: int = 16) -> None:
         self.stack_home = stack.home
+        self.base_url = stack.base_url
+        self.token = stack.token
         self.http = httpx.AsyncClient(
             base_url=stack.base_url,
             headers={"Authorization": f"Bearer {stack.token}"},

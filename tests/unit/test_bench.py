@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from bench.compare import compare
+from bench.h1 import parse_wrk
 from bench.harness import Result, percentile, summary
 from bench.r1 import recorded_events
 from verlyard_scheduler.world import World
@@ -47,3 +48,27 @@ def test_compare_lists_the_figures_both_runs_have_with_their_change() -> None:
     old = {"summary": {"w": {"p50": 10.0, "gone": 1.0}, "flag": True}}
     new = {"summary": {"w": {"p50": 15.0, "new": 2.0}, "flag": False}}
     assert compare(old, new) == [("w.p50", 10.0, 15.0, 50.0)]
+
+
+WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:1/api/v1/pipelines/x
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    28.63ms   12.10ms 124.71ms   79.01%
+  Latency Distribution
+     50%   27.10ms
+     75%  750.00us
+     90%   41.02ms
+     99%    1.20s
+  4340 requests in 8.01s, 3.02MB read
+  Socket errors: connect 0, read 1, write 0, timeout 2
+  Non-2xx or 3xx responses: 4
+Requests/sec:    542.07
+Transfer/sec:    385.62KB
+"""
+
+
+def test_wrk_reports_are_read_with_their_units_and_every_error_counted() -> None:
+    got = parse_wrk(WRK_OUTPUT)
+    assert got["req_per_s"] == 542.07 and got["requests"] == 4340
+    assert (got["p50"], got["p75"], got["p90"], got["p99"]) == (27.1, 0.75, 41.02, 1200.0)
+    assert got["errors"] == 7

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
@@ -43,3 +43,15 @@ async def retry_until(
             pass
         delay = min(delay * 2, max_delay_s)
     return None
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine on uvloop when it is installed (the API and the scheduler are
+    network-bound; uvloop roughly halves the event loop's own cost per socket operation), else on
+    asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -29,7 +29,7 @@ from verlyard_api.routes import ROUTES
 from verlyard_api.services import Services
 from verlyard_shared.hosts.vault import KeyRing, VaultError
 from verlyard_shared.logging import configure_logging
-from verlyard_shared.runtime import retry_until, stop_on_signals
+from verlyard_shared.runtime import retry_until, run_loop, stop_on_signals
 from verlyard_shared.settings import Settings
 
 log = structlog.get_logger("verlyard.api")
@@ -212,5 +212,5 @@ async def open_vault(pool: asyncpg.Pool, secret_key: str | None) -> KeyRing | No
 
 def main(settings: Settings) -> int:
     configure_logging("api", fmt=settings.log_format, level=settings.log_level)
-    asyncio.run(serve(settings))
+    run_loop(serve(settings))
     return 0

@@ -14,7 +14,7 @@ import structlog
 
 from verlyard_scheduler.service import SchedulerConfig, SchedulerService
 from verlyard_shared.logging import configure_logging
-from verlyard_shared.runtime import retry_until, stop_on_signals
+from verlyard_shared.runtime import retry_until, run_loop, stop_on_signals
 from verlyard_shared.settings import Settings
 
 log = structlog.get_logger("verlyard.scheduler")
@@ -69,5 +69,5 @@ async def serve(settings: Settings) -> None:
 
 def main(settings: Settings) -> int:
     configure_logging("scheduler", fmt=settings.log_format, level=settings.log_level)
-    asyncio.run(serve(settings))
+    run_loop(serve(settings))
     return 0
