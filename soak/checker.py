@@ -23,6 +23,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 AnomalyKind = Literal["lost", "duplicated", "unexpected"]
@@ -475,6 +476,16 @@ def _first_after(times: Sequence[float], t: float, until: float = math.inf) -> f
     return None
 
 
+def _epoch(value: object, default: float) -> float:
+    """An ISO-8601 time from an event's data as epoch seconds (`default` when absent or unreadable)."""
+    if not isinstance(value, str):
+        return default
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return default
+
+
 def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str, dict[str, float | int]]:
     """Per fault kind, how long after the harness brought the component back the system moved again.
 
@@ -483,8 +494,10 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
     - `first_report_event_s`: the first event written from an agent's report after `back_at` (T2's
       "consumers resume after NATS is back").
     - agent faults: `lost_detected_s` (fault to the loss of an attempt on that agent: `attempt.lost`,
-      or `stage.failed` of class lost when the restarted agent reports it) and `replaced_s` (that loss
-      to the stage's next `stage.placed`, retry backoff included).
+      or `stage.failed` of class lost when the restarted agent reports it), `replaced_s` (that loss to
+      the stage's next `stage.placed`, the stage's own retry backoff included) and
+      `replaced_after_backoff_s` (from the later of the loss and the backoff's `not_before`: what the
+      scheduler itself adds, waiting for a free slot included).
     """
     ordered = sorted(events, key=lambda e: e.position)
     sched = sorted(e.recorded_at for e in ordered if e.actor == "scheduler")
@@ -515,14 +528,19 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
                 if not fault.at <= lost.recorded_at < until:
                     continue
                 measures[fault.kind]["lost_detected_s"].append(lost.recorded_at - fault.at)
+                not_before = lost.recorded_at
                 for placed in ordered:
-                    if (
-                        placed.type == "stage.placed"
-                        and placed.position > lost.position
-                        and placed.stream_id == lost.stream_id
-                        and placed.data.get("stage") == lost.data.get("stage")
-                    ):
+                    if placed.position <= lost.position or placed.stream_id != lost.stream_id:
+                        continue
+                    if placed.data.get("stage") != lost.data.get("stage"):
+                        continue
+                    if placed.type == "stage.retry_scheduled":
+                        not_before = max(not_before, _epoch(placed.data.get("not_before"), not_before))
+                    if placed.type == "stage.placed":
                         measures[fault.kind]["replaced_s"].append(placed.recorded_at - lost.recorded_at)
+                        measures[fault.kind]["replaced_after_backoff_s"].append(
+                            max(0.0, placed.recorded_at - not_before)
+                        )
                         break
     return {f"{kind}.{name}": summary(values) for kind, by_name in measures.items() for name, values in by_name.items()}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -252,12 +253,31 @@ def test_recovery_times_and_probes() -> None:
     rec = verdict.recovery
     assert rec["agent_kill.lost_detected_s"]["max"] == pytest.approx(1.0)
     assert rec["agent_kill.replaced_s"]["max"] == pytest.approx(placed_b2.recorded_at - lost.recorded_at)
+    assert rec["agent_kill.replaced_after_backoff_s"]["max"] == pytest.approx(placed_b2.recorded_at - lost.recorded_at)
     assert rec["scheduler_kill.first_scheduler_event_s"]["max"] == pytest.approx(0.05)
     p = verdict.probes
     assert p["statuses"] == {"503": 2, "500": 1, "201": 1, "0": 1}
     assert p["server_errors_not_503"] == 1 and p["503_without_retry_after"] == 1 and p["no_answer"] == 1
     assert p["serving_again_s"]["max"] == pytest.approx(1.4)
     assert p["max_latency_s"] == 5.0
+
+
+def test_replacement_time_after_the_retry_backoff() -> None:
+    """The stage's own retry backoff (`not_before`) is not counted against the scheduler."""
+    h = History()
+    spec = {"name": "soak", "stages": {"a": {"kind": "noop", "needs": [], "when": "on_success"}}}
+    h.add("pipeline.submitted", actor="api", spec=spec)
+    h.run("a", "a-1", end="lost")
+    lost_at = h.t
+    not_before = datetime.fromtimestamp(lost_at + 1.5, UTC).isoformat()
+    h.add("stage.retry_scheduled", stage="a", attempt="a-1", next_attempt_number=2, not_before=not_before)
+    h.t = lost_at + 1.7
+    h.run("a", "a-2", resume=1)
+    h.add("pipeline.succeeded")
+    verdict = check(h.events, submitted(), None, [Fault("agent_kill", "a1", at=lost_at - 1, back_at=lost_at - 0.5)])
+    assert verdict.ok, render("backoff", verdict)
+    assert verdict.recovery["agent_kill.replaced_s"]["max"] == pytest.approx(1.8, abs=0.01)
+    assert verdict.recovery["agent_kill.replaced_after_backoff_s"]["max"] == pytest.approx(0.3, abs=0.01)
 
 
 def _fixture_events(path: Path) -> list[Event]:
