@@ -141,7 +141,8 @@ def test_embedded_config_is_accepted_by_nats_server(tmp_path: Path) -> None:
     )
     assert checked.returncode == 0, checked.stderr
     deploy = Path(__file__).resolve().parents[2] / "deploy" / "nats" / "nats-server.conf"
-    env["VERLYARD_NATS_PASSWORD"] = "p0123456789abcdef"
+    for name in ("NATS_API_PASSWORD", "NATS_SCHEDULER_PASSWORD", "NATS_SSH_RUNNER_PASSWORD", "NATS_AGENT_PASSWORD"):
+        env[name] = "p0123456789abcdef"
     checked = subprocess.run(
         [str(find_nats_server()), "-t", "-c", str(deploy)], env=env, capture_output=True, text=True
     )

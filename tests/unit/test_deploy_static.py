@@ -32,7 +32,17 @@ ENV_EXAMPLES = [*sorted(DEPLOY.glob("systemd/*.env.example")), DEPLOY / "compose
 SUBCOMMANDS = {"migrate": "migrate", "api": "api", "scheduler": "scheduler", "gpu-agent": "agent"}
 ONE_SHOT = {"migrate"}
 # Compose-only knobs that are not `verlyard` settings (none of them is a secret).
-COMPOSE_ONLY_VARS = {"POSTGRES_PASSWORD", "API_PUBLISH", "NATS_PUBLISH", "IMAGE_TAG"}
+COMPOSE_ONLY_VARS = {
+    "POSTGRES_PASSWORD",
+    "API_PUBLISH",
+    "NATS_PUBLISH",
+    "IMAGE_TAG",
+    # The NATS server's side of each user's password (deploy/nats/nats-server.conf reads them).
+    "NATS_API_PASSWORD",
+    "NATS_SCHEDULER_PASSWORD",
+    "NATS_SSH_RUNNER_PASSWORD",
+    "NATS_AGENT_PASSWORD",
+}
 MIN_NATS = (2, 12, 3)  # reliability.md fact 1: the JetStream crash fixes
 
 _SECRET = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|CREDS")
@@ -303,7 +313,8 @@ def test_nats_runs_the_shipped_config_with_sync_always() -> None:
 
 def test_nats_config_variables_are_given_to_the_container() -> None:
     conf = _strip_conf_comments(NATS_CONF.read_text())
-    wanted = set(re.findall(r"\$([A-Z][A-Z0-9_]*)", conf))
+    # NATS expands `$NAME` only in bare values: quoted strings ("$JS.API...", bcrypt hashes) are literal.
+    wanted = set(re.findall(r"\$([A-Z][A-Z0-9_]*)", re.sub(r'"(?:[^"\\]|\\.)*"', '""', conf)))
     missing = sorted(wanted - set(_env(SERVICES["nats"])))
     assert not missing, f"the nats config reads {missing}, which compose does not pass to it"
     assert not re.search(r"\bno_auth_user\b", conf), "NATS must reject anonymous clients"

@@ -142,6 +142,11 @@ def _walk_keys(value: Any) -> list[str]:
     return []
 
 
+SPANNING = {">", "vy.>", "vy.cmd.>", "vy.rpt.>", "_INBOX.>", "$JS.>", "$JS.API.>", "$JS.ACK.>"}
+"""Subjects that would let one agent reach every agent's traffic."""
+BCRYPT = re.compile(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$")
+
+
 def config_problems(conf: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     jetstream = conf.get("jetstream")
@@ -165,8 +170,23 @@ def config_problems(conf: dict[str, Any]) -> list[str]:
     for user in users:
         if not isinstance(user, dict) or not user.get("user"):
             problems.append(f"a user without a name: {user!r}")
-        elif not isinstance(user.get("password"), Var):
-            problems.append(f"user {user['user']!r}: the password must come from an environment variable")
+            continue
+        password = user.get("password")
+        if not isinstance(password, Var) and not (isinstance(password, str) and BCRYPT.fullmatch(password)):
+            problems.append(
+                f"user {user['user']!r}: the password must come from an environment variable or be a bcrypt hash"
+            )
+        if str(user["user"]).startswith("agent-"):
+            # T11: an agent user is confined to allow-lists (docs/adr/0015), never the whole bus.
+            perms = user.get("permissions")
+            pub = perms.get("publish", {}).get("allow") if isinstance(perms, dict) else None
+            sub = perms.get("subscribe", {}).get("allow") if isinstance(perms, dict) else None
+            if not isinstance(pub, list) or not isinstance(sub, list):
+                problems.append(f"agent user {user['user']!r} has no publish/subscribe allow-lists")
+            elif any(
+                str(x) in (">", "vy.>", "vy.cmd.>", "vy.rpt.>", "_INBOX.>", "$JS.>", "$JS.API.>") for x in pub + sub
+            ):
+                problems.append(f"agent user {user['user']!r} is allowed a subject that spans other agents")
     http = str(conf.get("http", ""))
     if http and not http.startswith("127.0.0.1:"):
         problems.append(f"monitoring ({http}) is not on loopback: it has no authentication")
@@ -238,7 +258,19 @@ def test_config_is_durable_and_authenticated(which: str) -> None:
     conf = parse_nats_conf(text)
     assert config_problems(conf) == []
     assert conf["jetstream"]["sync_interval"] == "always"
-    assert [u["password"] for u in conf["authorization"]["users"]] == [Var("VERLYARD_NATS_PASSWORD")]
+    users = {u["user"]: u for u in conf["authorization"]["users"]}
+    if which == "embedded":
+        assert [u["password"] for u in users.values()] == [Var("VERLYARD_NATS_PASSWORD")]
+    else:
+        assert {name: u["password"] for name, u in users.items()} == {
+            "api": Var("NATS_API_PASSWORD"),
+            "scheduler": Var("NATS_SCHEDULER_PASSWORD"),
+            "ssh-runner": Var("NATS_SSH_RUNNER_PASSWORD"),
+            "agent-compose-gpu-0": Var("NATS_AGENT_PASSWORD"),
+        }
+        assert "permissions" not in users["api"], "services use every subject"
+        allowed = users["agent-compose-gpu-0"]["permissions"]["subscribe"]["allow"]
+        assert allowed == ["_INBOX.agent-compose-gpu-0.>"]
 
 
 def test_embedded_config_keeps_data_under_data_dir_and_no_secret() -> None:
@@ -257,7 +289,10 @@ def test_embedded_config_keeps_data_under_data_dir_and_no_secret() -> None:
         (lambda t: t.replace("  sync_interval: always\n", ""), "sync_interval"),
         (lambda t: re.sub(r"authorization \{.*\n\}\n", "", t, flags=re.S), "anonymous"),
         (lambda t: t.replace("server_name:", "no_auth_user: control\nserver_name:"), "no_auth_user"),
-        (lambda t: t.replace("$VERLYARD_NATS_PASSWORD", '"hunter2"'), "environment variable"),
+        (lambda t: t.replace("$NATS_API_PASSWORD", '"hunter2"'), "environment variable"),
+        (lambda t: t.replace('"_INBOX.agent-compose-gpu-0.>"', '"_INBOX.>"'), "spans other agents"),
+        (lambda t: t.replace('"vy.rpt.compose-gpu-0.>"', '"vy.rpt.>"'), "spans other agents"),
+        (lambda t: re.sub(r", permissions: \{.*?\n    \} \}", " }", t, flags=re.S), "allow-lists"),
         (lambda t: t.replace('http: "127.0.0.1:', 'http: "0.0.0.0:'), "loopback"),
     ],
 )

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from verlyard_shared.cli_args import API_COMMANDS, add_api_commands
+from verlyard_shared.cli_nats import add_nats_commands
 from verlyard_shared.settings import Settings, SettingsError, load_settings
 
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--verify", action="store_true", help="report differences instead of rebuilding")
     replay.add_argument("--json", action="store_true", help="print the API's JSON report")
     add_api_commands(sub)
+    add_nats_commands(sub)
     return parser
 
 
@@ -118,6 +120,13 @@ def _run(args: argparse.Namespace) -> int:
             from verlyard_shared.cli_api import replay
 
             return replay(settings, verify=args.verify, as_json=args.json)
+        case "nats":
+            from verlyard_shared.cli_nats import NatsCliError, run_nats_command
+
+            try:
+                return run_nats_command(args, settings)
+            except NatsCliError as exc:
+                raise CliError(str(exc)) from None
         case command if command in API_COMMANDS:
             from verlyard_shared.cli_commands import run_command
 

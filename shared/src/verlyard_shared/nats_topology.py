@@ -71,6 +71,10 @@ def consumer_config(definition: ConsumerDef) -> ConsumerConfig:
     if definition.max_deliver <= len(definition.backoff_s):
         raise ValueError(f"{definition.durable}: NATS requires max_deliver > len(backoff)")
     return ConsumerConfig(
+        # `name` as well: nats-py then creates through the filtered subject
+        # `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, the one an agent's permissions allow
+        # (the server checks the filter in the body against the subject; docs/adr/0015).
+        name=definition.durable,
         durable_name=definition.durable,
         filter_subject=definition.filter_subject,
         ack_policy=AckPolicy.EXPLICIT,
@@ -205,11 +209,14 @@ async def connect_nats(
     password: str | None = None,
     creds: str | None = None,
     connect_timeout: float = 5.0,
+    inbox_prefix: str | None = None,
 ) -> NATS:
     """A nats-py client that reconnects forever once connected; the first connect fails fast.
 
     `url` may be one URL, a comma-separated list or a sequence (a cluster). `creds` is the path of a
-    `.creds` file (JWT + nkey). Disconnects, reconnects and async errors are logged with structlog.
+    `.creds` file (JWT + nkey). `inbox_prefix` replaces `_INBOX` for replies (an agent's user may
+    subscribe only below its own: `nats_auth.agent_inbox_prefix`). Disconnects, reconnects and async
+    errors are logged with structlog.
     """
     servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
     nc = NATS()
@@ -237,6 +244,8 @@ async def connect_nats(
         options["password"] = password
     if creds is not None:
         options["user_credentials"] = creds
+    if inbox_prefix is not None:
+        options["inbox_prefix"] = inbox_prefix
     try:
         async with asyncio.timeout(connect_timeout * (len(servers) + 1) + 5):
             await nc.connect(

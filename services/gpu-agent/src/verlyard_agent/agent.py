@@ -39,6 +39,7 @@ from verlyard_shared import codec, subjects
 from verlyard_shared.commands import AnyCommand, CancelAttempt, DrainAgent, RunStage
 from verlyard_shared.events import GpuInfo
 from verlyard_shared.ids import new_id
+from verlyard_shared.nats_auth import agent_inbox_prefix
 from verlyard_shared.nats_topology import connect_nats
 from verlyard_shared.reports import AttemptAcceptedReport, AttemptFinishedReport, Report
 from verlyard_shared.runtime import retry_until
@@ -297,6 +298,8 @@ class Agent:
             user=cfg.nats_user,
             password=cfg.nats_password,
             creds=cfg.nats_creds,
+            # An agent's NATS user may subscribe only below its own inbox prefix (docs/adr/0015).
+            inbox_prefix=agent_inbox_prefix(self.agent_id),
         )
 
     async def _ensure_consumer(self) -> bool:

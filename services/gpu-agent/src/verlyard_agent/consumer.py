@@ -43,15 +43,15 @@ async def ensure_command_consumer(js: JetStreamContext, agent_id: str) -> None:
 
     Only the agent's own consumer: streams belong to the control plane (which may run them with 3
     replicas; re-declaring them from here with defaults would fight it). A NATS without streams
-    (an agent started before any other service) gets the whole declared topology once.
+    (an agent started before any other service) gets the whole declared topology once, when this
+    agent's user may do that (a restricted agent user may only create its own durable, through the
+    filtered create subject: docs/adr/0015; then it waits for the control plane).
     """
     definition = agent_command_consumer(agent_id)
     try:
-        await js.stream_info(definition.stream)
-    except NotFoundError:
+        await js.add_consumer(definition.stream, consumer_config(definition))
+    except NotFoundError:  # no VY_COMMANDS stream yet
         await ensure_topology(js, agents=[agent_id])
-        return
-    await js.add_consumer(definition.stream, consumer_config(definition))
 
 
 class CommandConsumer:

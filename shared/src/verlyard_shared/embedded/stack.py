@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from verlyard_shared.settings import Settings
 log = structlog.get_logger("verlyard.up")
 
 NATS_USER = "verlyard"
+"""The stack's own NATS user (topology at start-up, operators' tools); each service and the local agent
+log in as their own user (docs/adr/0015): `api`, `scheduler` and `agent-<id>`, limited to its subjects."""
 
 
 class StackError(RuntimeError):
@@ -89,6 +92,23 @@ async def _prepare(database_url: str, nats_url: str, nats_user: str | None, nats
     return applied
 
 
+def local_agent_id() -> str:
+    """The local agent's id: the host name made a subject token (as `verlyard agent` does), short
+    enough for its NATS user name `agent-<id>`."""
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return name[:57] or "agent"
+
+
+def _service_env(env: dict[str, str], name: str, logins: dict[str, tuple[str, str]], agent_id: str) -> dict[str, str]:
+    """The environment of one service: its own NATS login when the stack runs NATS."""
+    out = dict(env)
+    if name == "agent":
+        out["VERLYARD_AGENT_ID"] = agent_id
+    if name in logins:
+        out["VERLYARD_NATS_USER"], out["VERLYARD_NATS_PASSWORD"] = logins[name]
+    return out
+
+
 def _lock(run_dir: Path) -> Any:
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = (run_dir / "stack.lock").open("w")
@@ -130,11 +150,40 @@ def run_stack(options: StackOptions, settings: Settings) -> int:
             database_url = postgres.url
             log.info("postgres_started", data=str(home / "postgres"), port=state["postgres_port"])
         nats_url, nats_user, nats_password = settings.nats_url, settings.nats_user, settings.nats_password
+        # service -> (NATS user, password) when the stack runs its own NATS; else all share the settings'.
+        logins: dict[str, tuple[str, str]] = {}
+        agent_id = settings.agent_id or local_agent_id()
         if nats_url is None:
             from verlyard_shared.embedded.nats import EmbeddedNats
+            from verlyard_shared.nats_accounts import REGISTRY_NAME, registered_users
+            from verlyard_shared.nats_auth import agent_nats_user, agent_user, service_user
 
             nats_user, nats_password = NATS_USER, _secret(home / "secrets" / "nats-password")
-            nats = EmbeddedNats(home / "nats", port=_port(state, "nats_port"), user=nats_user, password=nats_password)
+            logins = {
+                "api": ("api", _secret(home / "secrets" / "nats-api-password")),
+                "scheduler": ("scheduler", _secret(home / "secrets" / "nats-scheduler-password")),
+                "agent": (agent_user(agent_id), _secret(home / "secrets" / "nats-agent-password")),
+            }
+            users = [
+                service_user("api", password_env="NATS_API_PASSWORD"),
+                service_user("scheduler", password_env="NATS_SCHEDULER_PASSWORD"),
+                agent_nats_user(agent_id, password_env="NATS_AGENT_PASSWORD"),
+                # Agents on other hosts registered with `verlyard nats add-agent` (bcrypt hashes).
+                *(u for u in registered_users(home / REGISTRY_NAME) if u.agent != agent_id),
+            ]
+            passwords = {
+                "NATS_API_PASSWORD": logins["api"][1],
+                "NATS_SCHEDULER_PASSWORD": logins["scheduler"][1],
+                "NATS_AGENT_PASSWORD": logins["agent"][1],
+            }
+            nats = EmbeddedNats(
+                home / "nats",
+                port=_port(state, "nats_port"),
+                user=nats_user,
+                password=nats_password,
+                users=users,
+                passwords=passwords,
+            )
             nats.start()
             nats_url = nats.url
             log.info("nats_started", data=str(home / "nats"), port=state["nats_port"])
@@ -164,7 +213,7 @@ def run_stack(options: StackOptions, settings: Settings) -> int:
                 ServiceSpec(
                     name=name,
                     argv=[sys.executable, "-m", "verlyard_shared.cli", name],
-                    env=env,
+                    env=_service_env(env, name, logins, agent_id),
                     log_path=home / "logs" / f"{name}.log",
                 )
                 for name in names
