@@ -17,6 +17,7 @@ events against the document with chosen cases.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import secrets
 import threading
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
+import asyncssh
 import msgspec
 import pytest
 import requests
@@ -44,6 +46,9 @@ from verlyard_shared.embedded.nats import EmbeddedNats
 from verlyard_shared.embedded.postgres import EmbeddedPostgres
 from verlyard_shared.envelope import Metadata, NewEvent
 from verlyard_shared.events import AgentRegistered, AttemptStarted, GpuInfo, StageSucceeded
+from verlyard_shared.hosts.probe import ProbeResult
+from verlyard_shared.hosts.ssh import HostKey, HostKeyChanged, SshClient, Target
+from verlyard_shared.hosts.vault import Credential, KeyRing
 from verlyard_shared.ids import agent_stream, new_id
 from verlyard_shared.nats_topology import connect_nats
 from verlyard_shared.store.migrate import migrate
@@ -154,12 +159,44 @@ async def _seed(env: ApiEnv) -> dict[str, list[str]]:
     )
     assert response.status_code == 201, response.text
     dataset = response.json()
+    # SSH hosts, added through the API with a fake SSH client (no host is reached): several, because the
+    # fuzzed DELETE removes some before the fuzzed probes run.
+    hosts = [f"box{i}" for i in range(8)]
+    for name in hosts:
+        added = await env.client.post(
+            "/api/v1/hosts",
+            json={"name": name, "address": "gpu.example.com", "user": "ml", "password": "pw"},
+            headers=env.auth("admin"),
+        )
+        assert added.status_code == 201, added.text
     return {
         "pipelines": [running],
         "stages": ["train", "prep"],
         "agents": ["g1"],
         "datasets": [dataset["id"], dataset["name"]],
+        "hosts": hosts,
     }
+
+
+_FAKE_HOST_KEY = asyncssh.generate_private_key("ssh-ed25519")
+
+
+class FakeSsh(SshClient):
+    """Reaches no host: every host answers with the same key and a GPU-less probe."""
+
+    async def first_contact(
+        self, target: Target, credential: Credential, *, trainer_python: str, expect_fingerprint: str | None = None
+    ) -> tuple[HostKey, ProbeResult]:
+        key = HostKey(
+            openssh=_FAKE_HOST_KEY.export_public_key("openssh").decode().strip(),
+            fingerprint=_FAKE_HOST_KEY.get_fingerprint("sha256"),
+        )
+        if expect_fingerprint is not None and expect_fingerprint != key.fingerprint:
+            raise HostKeyChanged(f"host {target.name} presented {key.fingerprint}")
+        return key, await self.probe(target, credential, trainer_python=trainer_python)
+
+    async def probe(self, target: Target, credential: Credential, *, trainer_python: str) -> ProbeResult:
+        return ProbeResult(ok=True, home="/home/ml", gpu_note="nvidia-smi is not installed: no GPUs")
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +213,8 @@ def live_api(
         thread.run(migrate(pool))
         env = thread.run(stack.enter_async_context(api_env(pool)))
         env.deps.services.datasets = DatasetStore(Path(tmp_path_factory.mktemp("datasets")))
+        env.deps.services.key_ring = KeyRing.parse("k1:" + base64.b64encode(bytes(32)).decode())
+        env.deps.services.ssh = FakeSsh()
         # Connected, so /readyz is ready (200) rather than a 503 that would count as a server error.
         nc = thread.run(connect_nats(nats_server.authed_url, name="schemathesis-api"))
         stack.push_async_callback(nc.close)
@@ -208,6 +247,7 @@ def _config(
                 "path.stage": bind | {"dictionary": "stages"},
                 "path.agent_id": bind | {"dictionary": "agents"},
                 "path.ref": bind | {"dictionary": "datasets"},
+                "path.name": bind | {"dictionary": "hosts"},
             },
             "generation": {"max-examples": examples, "database": "none"},
             "operations": [
@@ -224,6 +264,13 @@ def _config(
                     "include-path": ["/api/v1/datasets"],
                     "include-method": ["POST"],
                     "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "422"]}},
+                },
+                # A host's address, user, program and folder have rules a JSON Schema pattern does not carry
+                # whole (422 names the field); a name already registered is 409.
+                {
+                    "include-path": ["/api/v1/hosts"],
+                    "include-method": ["POST"],
+                    "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "409", "422"]}},
                 },
                 # A live stream with nothing new to send stays open: read a few messages, then stop.
                 {

@@ -241,7 +241,7 @@ async def test_key_rotation_drill_and_fail_closed_start(api: ApiEnv, sshd: SshSe
     # No key configured: hosts cannot be added, and nothing is stored.
     svc.key_ring = None
     none = await call(api, seen, "POST", "/api/v1/hosts", json=pw_body(sshd))
-    assert none.status_code == 503 and none.json()["error"] == "secret_key_missing"
+    assert none.status_code == 409 and none.json()["error"] == "secret_key_missing"
     assert await open_vault(pg_pool, None) is None  # no hosts: starting without a key is fine
 
     svc.key_ring = KeyRing.parse(ring_text("k1"))
@@ -275,7 +275,7 @@ async def test_key_rotation_drill_and_fail_closed_start(api: ApiEnv, sshd: SshSe
     # The old key alone no longer opens them.
     svc.key_ring = KeyRing.parse(ring_text("k1"))
     stale = await call(api, seen, "POST", "/api/v1/hosts/a/probe")
-    assert stale.status_code == 503 and stale.json()["error"] == "secret_key_mismatch"
+    assert stale.status_code == 409 and stale.json()["error"] == "secret_key_mismatch"
     assert_no_canary("\n".join(seen), "an API response")
     assert_no_canary(await database_text(pg_pool), "the database")
 

@@ -3,8 +3,9 @@
 The host is this machine reached over loopback SSH (tests/plugins/ssh.py: root with the canary key), with
 its own verlyard folder. The runner's agent (`ssh-<host>`) is the local agent's machinery over NATS; the
 test plays the scheduler (tests/integration/agent_support.py). Shown:
-- the train stage's inputs are uploaded content-addressed, verl runs detached on the host, every step's
-  metrics and the checkpoints are reported like a local agent's;
+- `hosts add` through the API (key pinned, probe finds verl), then the runner starts the host's agent
+  from the `hosts` table; the train stage's inputs are uploaded content-addressed, verl runs detached on
+  the host, every step's metrics and the checkpoints are reported like a local agent's;
 - the server-side sshd process serving the runner's connection is killed mid-training: the run goes on,
   the runner reconnects, re-attaches by the pid file and continues from its offsets: no step is lost;
 - cancel kills the remote process group;
@@ -46,7 +47,7 @@ from tests.integration.agent_support import (
 )
 from tests.integration.api_app import api_env
 from tests.plugins.ssh import KEY_USER, SshServer, canary_key, key_canaries, new_sshd
-from tests.plugins.trainer import OFFLINE_ENV, TRAINER_ENV_TIMEOUT_S, TinyAssets
+from tests.plugins.trainer import TRAINER_ENV_TIMEOUT_S, TinyAssets
 from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.lifecycle import AttemptRecord
 from verlyard_agent.ssh.agent import SshAgent, SshHostConfig, ssh_agent_config
@@ -98,7 +99,7 @@ async def ssh_agent(
         heartbeat_s=0.5,
         cancel_grace_s=3.0,
     )
-    config = replace(config, host_env={**config.host_env, **OFFLINE_ENV}, flush_on_exit_s=3.0)
+    config = replace(config, flush_on_exit_s=3.0)
     agent = SshAgent(config, host, link)
     agent._probe = NoGpus()  # pyright: ignore[reportPrivateUsage]  # the probe is the host's, tested elsewhere
     task = asyncio.create_task(agent.run())
@@ -113,6 +114,52 @@ async def ssh_agent(
             agent.request_stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
+
+
+@contextlib.asynccontextmanager
+async def registered_host(
+    tmp_path: Path,
+    sshd: SshServer,
+    nats_server: EmbeddedNats,
+    pg_pool: asyncpg.Pool,
+    remote_root: Path,
+    trainer_python: str,
+) -> AsyncIterator[SshAgent]:
+    """The whole path: `hosts add` (key pinned, probed: verl found) through the API, then the runner's core
+    starts the host's agent from the `hosts` table, opening the sealed credential with the key ring."""
+    ring_text = "k1:" + base64.b64encode(bytes(range(32))).decode()
+    async with api_env(pg_pool, roles=("admin",)) as api:
+        api.deps.services.key_ring = KeyRing.parse(ring_text)
+        body = {
+            "name": "loop",
+            "address": f"{sshd.address}:{sshd.port}",
+            "user": KEY_USER,
+            "private_key": canary_key(),
+            "root": str(remote_root),
+            "trainer_python": trainer_python,
+        }
+        added = await api.client.post("/api/v1/hosts", json=body, headers=api.auth())
+        assert added.status_code == 201, added.text
+        assert added.json()["probe"]["verl_version"] == "0.9.1"
+        probed = await api.client.post("/api/v1/hosts/loop/probe", headers=api.auth())
+        assert probed.status_code == 200 and probed.json()["state"] == "ok"
+    settings = Settings(
+        home=tmp_path / "runner",
+        nats_url=nats_server.url,
+        nats_user=nats_server.user,
+        nats_password=nats_server.password,
+        heartbeat_s=0.5,
+        agent_cancel_grace_s=3.0,
+        secret_key=ring_text,
+    )
+    runner = SshRunner(settings, KeyRing.parse(ring_text))
+    runner.sync({row.name: row for row in await hosts_pg.list_hosts(pg_pool)})
+    agent = runner._agents["loop"][0]  # pyright: ignore[reportPrivateUsage]
+    try:
+        await eventually(lambda: agent.ready.is_set(), timeout=20)
+        yield agent
+    finally:
+        await runner.stop()
 
 
 def spec_params(assets: TinyAssets, steps: int, save_every: int) -> dict[str, object]:
@@ -155,6 +202,7 @@ def group_alive(pgid: int) -> bool:
 
 async def test_remote_sft_survives_a_killed_ssh_connection_without_losing_a_step(
     tmp_path: Path,
+    pg_pool: asyncpg.Pool,
     sshd: SshServer,
     nats_server: EmbeddedNats,
     js: JetStreamContext,
@@ -163,7 +211,7 @@ async def test_remote_sft_survives_a_killed_ssh_connection_without_losing_a_step
     tiny_assets: TinyAssets,
 ) -> None:
     steps = 12  # 224 rows / batch 16 = 14 steps in the one epoch
-    async with ssh_agent(tmp_path, sshd, nats_server, remote_root, trainer_python) as agent:
+    async with registered_host(tmp_path, sshd, nats_server, pg_pool, remote_root, trainer_python) as agent:
         inputs = {"prep": pushed_inputs(tiny_assets, agent.config.datasets_dir)}
         command = run_stage(agent.agent_id, "train", spec_params(tiny_assets, steps, 6), inputs=inputs)
         command = structs.replace(command, spec=structs.replace(command.spec, needs=("prep",)))

@@ -125,6 +125,8 @@ class SshServer:
                     "KbdInteractiveAuthentication no",
                     "PubkeyAuthentication yes",
                     "Subsystem sftp internal-sftp",
+                    # The "remote" host has no network, like the test machine: its sessions say so to HF.
+                    "SetEnv HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1",
                     f"Match User {PW_USER}",
                     "  PubkeyAuthentication no",
                     f"Match User {KEY_USER}",

@@ -13,6 +13,7 @@ from verlyard_api.adapters.dataset_store import DatasetStore
 from verlyard_api.adapters.nats_heartbeats import LiveAgents
 from verlyard_api.adapters.pg_telemetry_listen import KeyedWakeup
 from verlyard_api.promtext import OpsMetrics
+from verlyard_shared.hosts.ssh import SshClient
 from verlyard_shared.hosts.vault import KeyRing
 
 MAX_DATASET_BYTES: Final = 2 * 1024**3
@@ -31,7 +32,9 @@ class Services:
     relay_lag: Callable[[], Any] | None = None
     """The relay's `lag` figures (a RelayLag), when this process runs the relay."""
     key_ring: KeyRing | None = None
-    """VERLYARD_SECRET_KEY parsed: seals and opens SSH host credentials (None: hosts answer 503)."""
+    """VERLYARD_SECRET_KEY parsed: seals and opens SSH host credentials (None: adding hosts answers 409)."""
+    ssh: SshClient = field(default_factory=SshClient)
+    """How the hosts routes reach a host (add, probe)."""
 
     def committed(self, pipeline_ids: set[str]) -> None:
         """The persisters' in-process wake-up (NOTIFY reaches the other API processes)."""

@@ -202,3 +202,17 @@ async def first_contact(
         return key, await probe(conn, trainer_python=trainer_python)
     finally:
         await close(conn)
+
+
+class SshClient:
+    """The port through which the API reaches hosts (add, probe); tests substitute a fake subclass."""
+
+    async def first_contact(
+        self, target: Target, credential: Credential, *, trainer_python: str, expect_fingerprint: str | None = None
+    ) -> tuple[HostKey, ProbeResult]:
+        return await first_contact(
+            target, credential, trainer_python=trainer_python, expect_fingerprint=expect_fingerprint
+        )
+
+    async def probe(self, target: Target, credential: Credential, *, trainer_python: str) -> ProbeResult:
+        return await connect_and_probe(target, credential, trainer_python=trainer_python)

@@ -20,7 +20,7 @@ from litestar.params import FromPath, JSONBody
 
 from verlyard_api.adapters.pg import DB_TIMEOUT_S, guarded
 from verlyard_api.context import ApiContext
-from verlyard_api.errors import ApiError, Conflict, NotFound, Unavailable
+from verlyard_api.errors import ApiError, Conflict, NotFound
 from verlyard_api.http import Ctx, admin, current_request_id, member, principal_of, viewer
 from verlyard_api.openapi import error_responses
 from verlyard_api.services import Svc
@@ -146,8 +146,9 @@ def _out(row: hosts_pg.HostRow) -> HostOut:
 
 
 def _ring(svc_ring: KeyRing | None) -> KeyRing:
+    # 409, not 503: retrying does not help; the server's configuration must change (and T10 counts 5xx).
     if svc_ring is None:
-        raise Unavailable(
+        raise Conflict(
             "SSH hosts need VERLYARD_SECRET_KEY (a key ring `id:base64-32-bytes,...`) on the API: not configured",
             code="secret_key_missing",
         )
@@ -203,7 +204,7 @@ async def add_host(
             raise Conflict(f"host {data.name} exists; remove it first to change it", code="host_exists")
     target = ssh.Target(name=data.name, address=host, port=port, user=user, host_key=None)
     try:
-        key, result = await ssh.first_contact(
+        key, result = await svc.ssh.first_contact(
             target, credential, trainer_python=trainer_python, expect_fingerprint=data.host_key_fingerprint
         )
     except ssh.SshError as exc:
@@ -304,11 +305,11 @@ async def probe_host(request: Request[Any, Any, Any], ctx: Ctx, svc: Svc, name: 
     try:
         credential = ring.open(row.sealed, aad=aad_for(row.name))
     except VaultError as exc:
-        raise Unavailable(f"host {name}: {exc}", code="secret_key_mismatch") from None
+        raise Conflict(f"host {name}: {exc}", code="secret_key_mismatch") from None
     target = ssh.Target(name=row.name, address=row.address, port=row.port, user=row.user, host_key=row.host_key)
     failure: ssh.SshError | None = None
     try:
-        result = await ssh.connect_and_probe(target, credential, trainer_python=row.trainer_python)
+        result = await svc.ssh.probe(target, credential, trainer_python=row.trainer_python)
     except ssh.SshError as exc:
         failure = exc
         result = ProbeResult(ok=False, error=str(exc))
@@ -330,7 +331,7 @@ async def probe_host(request: Request[Any, Any, Any], ctx: Ctx, svc: Svc, name: 
     guards=[admin],
     status_code=200,
     summary="Re-seal every host credential with the current (first) key of VERLYARD_SECRET_KEY",
-    responses=error_responses(403),
+    responses=error_responses(403, 409),
 )
 async def rotate_key(ctx: Ctx, svc: Svc) -> RotateOut:
     ring = _ring(svc.key_ring)
@@ -338,7 +339,7 @@ async def rotate_key(ctx: Ctx, svc: Svc) -> RotateOut:
         async with guarded(30.0):
             counts = await hosts_pg.reseal_all(ctx.pool, ring, nonce=lambda: os.urandom(12))
     except VaultError as exc:
-        raise Unavailable(str(exc), code="secret_key_mismatch") from None
+        raise Conflict(str(exc), code="secret_key_mismatch") from None
     log.info("host_credentials_resealed", key_id=ring.current, **counts)
     return RotateOut(key_id=ring.current, **counts)
 
