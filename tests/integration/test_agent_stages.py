@@ -23,6 +23,7 @@ from tests.integration.agent_support import (
     running_agent,
     send,
 )
+from tests.plugins.trainer import TinyAssets
 from verlyard_agent import runner
 from verlyard_agent.stages.base import AttemptContext, StageResult
 from verlyard_agent.watchdog import WatchdogPolicy
@@ -213,3 +214,26 @@ async def test_preprocess_fetches_a_pushed_dataset_this_host_does_not_have_from_
         end = await finished(js, missing.attempt)
     assert (end.outcome, end.failure_class) == ("failed", "user")
     assert "no dataset named 'never-pushed' was pushed" in end.reason
+
+
+async def test_preprocess_counts_tokens_with_the_models_own_tokenizer(
+    tmp_path: Path, nats_server: EmbeddedNats, js: JetStreamContext, trainer_python: str, tiny_assets: TinyAssets
+):
+    rows = [{"prompt": f"question number {i}", "response": "an answer " * (4 * i + 1)} for i in range(12)]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = {"dataset": str(data), "val_fraction": 0.25, "tokenizer": str(tiny_assets.model), "max_length": 60}
+    async with running_agent(agent_config(tmp_path, nats_server, trainer_python=trainer_python)) as agent:
+        command = run_stage(agent.agent_id, "preprocess", params)
+        await send(js, command)
+        end = await finished(js, command.attempt, timeout=120)
+        assert end.outcome == "succeeded", end.reason
+        stats = end.outputs["token_lengths"]
+        assert stats["tokenizer"] == str(tiny_assets.model) and stats["count"] == 12
+        words = [len(r["prompt"].split()) + len(r["response"].split()) for r in rows]
+        assert stats["min"] > min(words), "the chat template's tokens are counted, not whitespace words"
+        assert stats["max_length"] == 60 and 0 < stats["over_max_length"] < 12
+        bad = run_stage(agent.agent_id, "preprocess", {"dataset": str(data), "tokenizer": "relative/path"})
+        await send(js, bad)
+        end = await finished(js, bad.attempt)
+    assert (end.outcome, end.failure_class) == ("failed", "user") and "absolute path" in end.reason

@@ -1,13 +1,17 @@
 """Stage kind `preprocess`: a dataset file -> verl's chat `messages` parquet, split into train and val.
 
 `with: {dataset: NAME-or-/abs/path, format: auto|jsonl|json|csv|parquet, val_fraction: 0.1, seed: 0,
-max_dropped_fraction: null}`. jsonl/json/csv are read here with the standard library (dataprep.py);
-parquet is read, and train/val parquet written, by the trainer's Python (VERLYARD_TRAINER_PYTHON
-has pyarrow; the agent does not). Without a trainer Python the output is JSON Lines, and the log and
-outputs say so. A bad row is dropped with its line number; a file with no usable row fails the stage.
+max_dropped_fraction: null, tokenizer: null, max_length: null}`. jsonl/json/csv are read here with the
+standard library (dataprep.py); parquet is read, and train/val parquet written, by the trainer's Python
+(VERLYARD_TRAINER_PYTHON has pyarrow; the agent does not). Without a trainer Python the output is JSON
+Lines, and the log and outputs say so. A bad row is dropped with its line number; a file with no
+usable row fails the stage.
 
 Outputs: `train_files`, `val_files`, `format`, `messages_key`, `rows` {total, train, val, dropped},
-`dropped` (the first 100 {line, reason}), `token_lengths` (whitespace tokens), `dataset`.
+`dropped` (the first 100 {line, reason}), `token_lengths` (count/min/max/mean/p50/p95/total, in the
+tokens of `with.tokenizer` — a local model or tokenizer folder, counted by the trainer's Python through
+the chat template — or in whitespace words without it; with `with.max_length`, `over_max_length`),
+`dataset`.
 """
 
 from __future__ import annotations
@@ -63,6 +67,33 @@ elif mode == "write":
         print(f"wrote {len(rows)} rows to {dst}")
 else:
     sys.exit(f"unknown mode {mode!r}")
+"""
+
+# Runs in the trainer's Python (transformers), never imported by the agent: each row's length in the
+# tokens of the model's own tokenizer, through its chat template when it has one (what SFT will see).
+TOKENS_SCRIPT = r"""
+import json, sys
+from transformers import AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1], local_files_only=True)
+templated = bool(getattr(tok, "chat_template", None))
+lengths = []
+for src in sys.argv[3:]:
+    with open(src, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            messages = json.loads(line)["messages"]
+            if templated:
+                ids = tok.apply_chat_template(messages, tokenize=True)
+                if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding (a mapping)
+                    ids = ids["input_ids"]
+            else:
+                ids = tok("\n".join(m["content"] for m in messages))["input_ids"]
+            lengths.append(len(ids))
+with open(sys.argv[2], "w", encoding="utf-8") as out:
+    json.dump({"lengths": lengths, "chat_template": templated}, out)
+print(f"counted tokens of {len(lengths)} rows with {sys.argv[1]} (chat template: {templated})")
 """
 
 
@@ -153,6 +184,48 @@ async def _trainer(ctx: AttemptContext, *args: str) -> None:
             failure_class="infra",
             exit_code=code,
         )
+
+
+async def _token_lengths(
+    ctx: AttemptContext, tokenizer: object, max_length: object, examples: list[Example], *, pairs_of: list[Path]
+) -> dict[str, Any]:
+    """Token-length stats: with `with.tokenizer` (a local model or tokenizer folder) in that tokenizer's
+    tokens, counted by the trainer's Python; without it, whitespace-separated words (a rough guide).
+    With `with.max_length`, how many rows are longer (SFT truncates or drops them)."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise StageFailure(f"`with.max_length` must be a positive integer, got {max_length!r}")
+    if tokenizer is None:
+        lengths = [whitespace_tokens(e) for e in examples]
+        name = "whitespace"
+    else:
+        if not isinstance(tokenizer, str) or not tokenizer.startswith("/") or ".." in Path(tokenizer).parts:
+            raise StageFailure(
+                f"`with.tokenizer` must be an absolute path to a model or tokenizer folder, got {tokenizer!r}"
+            )
+        if not await asyncio.to_thread(Path(tokenizer).is_dir):
+            raise StageFailure(f"`with.tokenizer`: {tokenizer} is not a folder on this host")
+        if ctx.trainer_python is None:
+            raise StageFailure(
+                "`with.tokenizer` needs VERLYARD_TRAINER_PYTHON (a Python with transformers)", failure_class="infra"
+            )
+        script, out = ctx.work_dir / "_verlyard_tokens.py", ctx.work_dir / "token-lengths.json"
+        script.write_text(TOKENS_SCRIPT)
+        code = await ctx.run_process(
+            [ctx.trainer_python, str(script), tokenizer, str(out), *map(str, pairs_of)], cwd=ctx.work_dir
+        )
+        if code != 0:
+            raise StageFailure(
+                f"counting tokens with {tokenizer} failed (exit code {code}; see the log)", exit_code=code
+            )
+        lengths = [int(n) for n in json.loads(await asyncio.to_thread(out.read_text))["lengths"]]
+        name = tokenizer
+    stats: dict[str, Any] = {**length_stats(lengths), "tokenizer": name}
+    if isinstance(max_length, int):
+        stats["max_length"] = max_length
+        stats["over_max_length"] = sum(1 for n in lengths if n > max_length)
+        if stats["over_max_length"]:
+            ctx.log(f"{stats['over_max_length']} of {len(lengths)} rows are longer than max_length {max_length}")
+    return stats
 
 
 def _number(value: object, what: str, *, low: float, high: float) -> float:
@@ -246,7 +319,13 @@ async def run(ctx: AttemptContext) -> StageResult:
         val_files = [str(ctx.work_dir / "val.parquet")] if val_rows else []
     else:
         ctx.log("VERLYARD_TRAINER_PYTHON is not set: wrote JSON Lines (verl reads parquet; set it to get parquet)")
-    lengths = [whitespace_tokens(e) for e in examples]
+    token_lengths = await _token_lengths(
+        ctx,
+        params.get("tokenizer"),
+        params.get("max_length"),
+        examples,
+        pairs_of=([train_jsonl, val_jsonl] if val_rows else [train_jsonl]),
+    )
     rows = {"total": total, "train": len(train_rows), "val": len(val_rows), "dropped": len(dropped)}
     ctx.log(
         f"{rows['train']} train rows, {rows['val']} val rows, {rows['dropped']} dropped "
@@ -259,7 +338,7 @@ async def run(ctx: AttemptContext) -> StageResult:
         "messages_key": "messages",
         "rows": rows,
         "dropped": reported,
-        "token_lengths": {**length_stats(lengths), "tokenizer": "whitespace"},
+        "token_lengths": token_lengths,
         "dataset": str(path),
         "val_fraction": val_fraction,
         "seed": seed,
