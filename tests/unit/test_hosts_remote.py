@@ -318,3 +318,13 @@ def test_shipped_files_and_blobs() -> None:
     )
     assert argv == ["python", f"{ROOT}/blobs/{digest}/verl_cpu_sft.py", f"x={ROOT}/w"]
     assert env == {"VERLYARD_WORK_DIR": f"{ROOT}/w"} and cwd == f"{ROOT}/w"
+
+
+def test_only_the_api_and_the_ssh_runner_of_the_embedded_stack_hold_the_secret_key() -> None:
+    from verlyard_shared.embedded.stack import _service_env  # pyright: ignore[reportPrivateUsage]
+
+    env = {"VERLYARD_SECRET_KEY": "k1:x", "PATH": "/bin"}
+    for name in ("api", "ssh-runner"):
+        assert _service_env(env, name, {}, "a1")["VERLYARD_SECRET_KEY"] == "k1:x"
+    for name in ("scheduler", "agent"):
+        assert "VERLYARD_SECRET_KEY" not in _service_env(env, name, {}, "a1")

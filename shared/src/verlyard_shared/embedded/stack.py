@@ -102,6 +102,8 @@ def local_agent_id() -> str:
 def _service_env(env: dict[str, str], name: str, logins: dict[str, tuple[str, str]], agent_id: str) -> dict[str, str]:
     """The environment of one service: its own NATS login when the stack runs NATS."""
     out = dict(env)
+    if name not in ("api", "ssh-runner"):
+        out.pop("VERLYARD_SECRET_KEY", None)  # only the services that seal or open SSH credentials hold the key
     if name == "agent":
         out["VERLYARD_AGENT_ID"] = agent_id
     if name in logins:
@@ -163,10 +165,12 @@ def run_stack(options: StackOptions, settings: Settings) -> int:
                 "api": ("api", _secret(home / "secrets" / "nats-api-password")),
                 "scheduler": ("scheduler", _secret(home / "secrets" / "nats-scheduler-password")),
                 "agent": (agent_user(agent_id), _secret(home / "secrets" / "nats-agent-password")),
+                "ssh-runner": ("ssh-runner", _secret(home / "secrets" / "nats-ssh-runner-password")),
             }
             users = [
                 service_user("api", password_env="NATS_API_PASSWORD"),
                 service_user("scheduler", password_env="NATS_SCHEDULER_PASSWORD"),
+                service_user("ssh-runner", password_env="NATS_SSH_RUNNER_PASSWORD"),
                 agent_nats_user(agent_id, password_env="NATS_AGENT_PASSWORD"),
                 # Agents on other hosts registered with `verlyard nats add-agent` (bcrypt hashes).
                 *(u for u in registered_users(home / REGISTRY_NAME) if u.agent != agent_id),
@@ -174,6 +178,7 @@ def run_stack(options: StackOptions, settings: Settings) -> int:
             passwords = {
                 "NATS_API_PASSWORD": logins["api"][1],
                 "NATS_SCHEDULER_PASSWORD": logins["scheduler"][1],
+                "NATS_SSH_RUNNER_PASSWORD": logins["ssh-runner"][1],
                 "NATS_AGENT_PASSWORD": logins["agent"][1],
             }
             nats = EmbeddedNats(
@@ -207,6 +212,10 @@ def run_stack(options: StackOptions, settings: Settings) -> int:
         if nats_user is not None and nats_password is not None:
             env["VERLYARD_NATS_USER"], env["VERLYARD_NATS_PASSWORD"] = nats_user, nats_password
         names = ["api", "scheduler"] + (["agent"] if options.agent else [])
+        if settings.secret_key:
+            # SSH hosts can exist only with a key (the API refuses to add one without it): then the runner
+            # that drives them runs too (docs/adr/0011).
+            names.append("ssh-runner")
         supervisor = Supervisor(
             run_dir,
             [

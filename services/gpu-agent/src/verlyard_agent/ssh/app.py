@@ -123,6 +123,7 @@ async def serve(settings: Settings) -> None:
         except VaultError as exc:
             raise SystemExit(f"verlyard ssh-runner: {exc}") from None
         runner = SshRunner(settings, ring)
+        log.info("ssh_runner_ready", key_ids=list(ring.ids) if ring else [], rescan_s=RESCAN_S)
         while not stop.is_set():
             try:
                 rows = {row.name: row for row in await hosts_pg.list_hosts(pool)}
@@ -143,5 +144,3 @@ def main(settings: Settings) -> int:
     configure_logging("ssh-runner", fmt=settings.log_format, level=settings.log_level)
     asyncio.run(serve(settings))
     return 0
-
-
