@@ -10,7 +10,9 @@ test plays the scheduler (tests/integration/agent_support.py). Shown:
   the runner reconnects, re-attaches by the pid file and continues from its offsets: no step is lost;
 - cancel kills the remote process group;
 - `verlyard ssh-runner`'s core starts one agent per host registered through the API, and stops it when the
-  host is removed.
+  host is removed; the real scheduler places a stage on such a host by its labels;
+- a dropped connection loses no output line, an unreachable host loses the attempt only after the lease,
+  and a restarted runner kills what its lost attempts left on the host.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tests.integration.agent_support import (
     send,
 )
 from tests.integration.api_app import api_env
+from tests.integration.scheduler_kit import history, scheduler, submit, wait_terminal
 from tests.plugins.ssh import KEY_USER, SshServer, canary_key, key_canaries, new_sshd
 from tests.plugins.trainer import TRAINER_ENV_TIMEOUT_S, TinyAssets
 from verlyard_agent.attempts import AttemptStore
@@ -54,12 +57,14 @@ from verlyard_agent.ssh.agent import SshAgent, SshHostConfig, ssh_agent_config
 from verlyard_agent.ssh.app import SshRunner
 from verlyard_agent.ssh.link import HostLink
 from verlyard_shared.embedded.nats import EmbeddedNats
+from verlyard_shared.events import StagePlaced
 from verlyard_shared.hosts import pg as hosts_pg
 from verlyard_shared.hosts import remote, ssh
 from verlyard_shared.hosts.vault import Credential, KeyRing
 from verlyard_shared.ids import new_id
 from verlyard_shared.reports import AgentHello, AttemptFinishedReport, CheckpointReport
 from verlyard_shared.settings import Settings
+from verlyard_shared.store.postgres import PostgresEventStore
 
 pytestmark = pytest.mark.timeout(TRAINER_ENV_TIMEOUT_S)
 
@@ -419,3 +424,57 @@ async def test_a_restarted_runner_stops_what_its_lost_attempts_left_on_the_host(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+async def test_the_scheduler_places_a_stage_on_a_registered_ssh_host(
+    tmp_path: Path,
+    pg_url: str,
+    pg_pool: asyncpg.Pool,
+    sshd: SshServer,
+    nats_server: EmbeddedNats,
+    remote_root: Path,
+) -> None:
+    """The real scheduler sees `ssh-gpubox` like any agent (its labels from `hosts add`), places a stage there
+    by label, and the stage runs on the host; its small output file comes back."""
+    ring_text = "k1:" + base64.b64encode(bytes(range(32))).decode()
+    async with api_env(pg_pool, roles=("admin",)) as api:
+        api.deps.services.key_ring = KeyRing.parse(ring_text)
+        body = {
+            "name": "gpubox",
+            "address": f"{sshd.address}:{sshd.port}",
+            "user": KEY_USER,
+            "private_key": canary_key(),
+            "root": str(remote_root),
+            "labels": {"zone": "loop"},
+        }
+        assert (await api.client.post("/api/v1/hosts", json=body, headers=api.auth())).status_code == 201
+    settings = Settings(
+        home=tmp_path / "runner",
+        nats_url=nats_server.url,
+        nats_user=nats_server.user,
+        nats_password=nats_server.password,
+        heartbeat_s=0.5,
+        secret_key=ring_text,
+    )
+    runner = SshRunner(settings, KeyRing.parse(ring_text))
+    runner.sync({row.name: row for row in await hosts_pg.list_hosts(pg_pool)})
+    store = PostgresEventStore(pg_pool)
+    try:
+        async with scheduler(pg_url, nats_server.authed_url, lease_s=10.0):
+            stage = {
+                "kind": "command",
+                "with": {"run": ["sh", "-c", "hostname > where.txt; echo remote-ok"]},
+                "resources": {"labels": {"zone": "loop"}},
+            }
+            pid = await submit(store, {"hello": stage}, name="over-ssh")
+            states = await wait_terminal(store, [pid], timeout=60)
+        state = states[pid]
+        assert state.status == "succeeded", state
+        placed = [e.event for e in await history(store, pid) if isinstance(e.event, StagePlaced)]
+        assert [p.agent for p in placed] == ["ssh-gpubox"]
+        runs = list((remote_root / "runs").iterdir())
+        assert len(runs) == 1 and "remote-ok" in (runs[0] / "output.log").read_text()
+        fetched = list((tmp_path / "runner" / "ssh" / "gpubox").rglob("where.txt"))
+        assert len(fetched) == 1 and fetched[0].read_text().strip()
+    finally:
+        await runner.stop()
