@@ -1,4 +1,4 @@
-# verlyard: make demo | make test | make up | make bench | make lint
+# verlyard: make demo | make test | make up | make bench | make soak | make lint
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
