@@ -62,7 +62,7 @@ from verlyard_shared.hosts import pg as hosts_pg
 from verlyard_shared.hosts import remote, ssh
 from verlyard_shared.hosts.vault import Credential, KeyRing
 from verlyard_shared.ids import new_id
-from verlyard_shared.reports import AgentHello, AttemptFinishedReport, CheckpointReport
+from verlyard_shared.reports import AgentHeartbeat, AgentHello, AttemptFinishedReport, CheckpointReport
 from verlyard_shared.settings import Settings
 from verlyard_shared.store.postgres import PostgresEventStore
 
@@ -478,3 +478,32 @@ async def test_the_scheduler_places_a_stage_on_a_registered_ssh_host(
         assert len(fetched) == 1 and fetched[0].read_text().strip()
     finally:
         await runner.stop()
+
+
+async def test_an_unreachable_host_stops_heartbeating_after_the_lease_and_registers_again(
+    tmp_path: Path, sshd_factory: list[SshServer], nats_server: EmbeddedNats, js: JetStreamContext, remote_root: Path
+) -> None:
+    """Heartbeats vouch for the host: past the lease without an answer they stop (the scheduler then declares
+    the agent lost and places nothing there); when the host answers again the agent says hello again."""
+    server = new_sshd(sshd_factory)
+
+    async def beats() -> int:
+        return sum(1 for r in await reports(js) if isinstance(r, AgentHeartbeat) and r.agent == "ssh-loop")
+
+    async def hellos() -> int:
+        return sum(1 for r in await reports(js) if isinstance(r, AgentHello) and r.agent == "ssh-loop")
+
+    async def more_beats_than(n: int) -> bool:
+        return await beats() > n
+
+    async with ssh_agent(tmp_path, server, nats_server, remote_root, lease_s=2.0):
+        await eventually(lambda: more_beats_than(2), timeout=20)
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(2.0 + 5.0)  # past the lease, plus a reconnect attempt's backoff
+        silent_from = await beats()
+        await asyncio.sleep(3.0)
+        assert await beats() == silent_from, "heartbeats went on for an unreachable host"
+        registered = await hellos()
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: more_beats_than(silent_from), timeout=30)
+        assert await hellos() > registered

@@ -6,6 +6,7 @@ a stage's child starts on the host (`child.RemoteSpawner`) instead of here. The 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -79,6 +80,7 @@ class SshAgent(Agent):
         super().__init__(config, probe=ProbedGpus(host.gpus))
         self.host = host
         self.link = link
+        self._host_down = False
         self.spawner = RemoteSpawner(
             link,
             paths=PathMap(local_root=str(config.data_dir), remote_root=host.root),
@@ -90,6 +92,31 @@ class SshAgent(Agent):
         super()._open_local()
         assert self._services is not None
         self._services.spawner = self.spawner
+
+    async def _send_heartbeat(self) -> None:
+        """Heartbeats vouch for the host, not for this process: none while the host has been unreachable for
+        longer than the lease, so the scheduler declares the agent lost and places nothing on it; when the
+        host answers again the agent registers again (hello) and beats on."""
+        if not await self._host_answers():
+            if not self._host_down:
+                self._host_down = True
+                self._log.warning("ssh_host_unreachable", down_s=round(self.link.down_for(), 1))
+            return
+        if self._host_down:
+            self._host_down = False
+            self._log.info("ssh_host_reachable_again")
+            self._spawn(self._send_hello())
+        await super()._send_heartbeat()
+
+    async def _host_answers(self) -> bool:
+        last = self.link.last_ok
+        if last is not None and time.monotonic() - last < max(self.config.heartbeat_s, 1.0):
+            return True  # an attempt's polling just used the connection
+        try:
+            await self.link.run(remote.command(["true"]), timeout_s=max(2.0, min(10.0, self.config.heartbeat_s * 2)))
+            return True
+        except LinkDown:
+            return self.link.down_for() <= self.host.lease_s
 
     async def _recover(self) -> None:
         """Before the local agent reports them lost (ADR 0008, decision 4): stop what is left of those

@@ -53,6 +53,8 @@ class HostLink:
         self._next_try = 0.0
         self._down_since: float | None = None
         self.reconnects = 0
+        self.last_ok: float | None = None
+        """When an operation last succeeded (monotonic)."""
         self._log = log.bind(host=target.name)
 
     def down_for(self, now: float | None = None) -> float:
@@ -110,7 +112,9 @@ class HostLink:
     ) -> T:
         conn, sftp = await self._session()
         try:
-            return await asyncio.wait_for(op(conn, sftp), timeout=timeout_s)
+            result = await asyncio.wait_for(op(conn, sftp), timeout=timeout_s)
+            self.last_ok = time.monotonic()
+            return result
         except TimeoutError:
             self._drop("timeout")
             raise LinkDown(f"host {self.target.name}: no answer within {timeout_s:g} s") from None
