@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,7 +23,8 @@ import psutil
 import pytest
 import structlog
 
-from tests.integration.api_app import ApiEnv, api_env
+from tests.integration.api_app import ApiEnv, api_env, served
+from tests.integration.test_cli import Result, finish, start_cli
 from tests.plugins.ssh import (
     CANARY_PASSWORD,
     KEY_USER,
@@ -289,3 +292,73 @@ async def test_probe_finds_verl_in_the_trainer_python(api: ApiEnv, sshd: SshServ
     probe = added.json()["probe"]
     assert probe["verl_version"] == "0.9.1", probe
     assert probe["verl_error"] is None and probe["trainer_python"] == trainer_python
+
+
+async def test_the_cli_adds_lists_probes_rotates_and_removes(
+    api: ApiEnv, sshd: SshServer, pg_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """`verlyard hosts ...` as a user types it: the password from stdin, the key from a file (mode 0600),
+    the pinned fingerprint printed; nothing secret in its output or its argv."""
+    key_file = tmp_path / "id_ed25519"
+    key_file.write_text(canary_key())
+    key_file.chmod(0o600)
+    async with served(api.app) as url:
+
+        async def cli(*argv: str, stdin: bytes | None = None) -> Result:
+            return await finish(await start_cli(url, api.tokens["admin"], tmp_path, *argv, stdin=stdin), stdin)
+
+        added = await cli(
+            "hosts",
+            "add",
+            "pwbox",
+            "--address",
+            f"127.0.0.1:{sshd.port}",
+            "--user",
+            PW_USER,
+            "--password-stdin",
+            stdin=CANARY_PASSWORD.encode() + b"\n",
+        )
+        assert added.code == 0, added.err
+        assert f"added host pwbox (host key {sshd.host_fingerprint} pinned)" in added.out
+        assert "GPUs: none" in added.out and "disk:" in added.out
+        keyed = await cli(
+            "hosts",
+            "add",
+            "keybox",
+            "--address",
+            f"127.0.0.1:{sshd.port}",
+            "--user",
+            KEY_USER,
+            "--key",
+            str(key_file),
+            "--root",
+            "/tmp/verlyard-hosts-test/cli",
+            "--label",
+            "zone=loop",
+            "--json",
+        )
+        assert keyed.code == 0, keyed.err
+        assert json.loads(keyed.out)["labels"] == {"zone": "loop"}
+        listed = await cli("hosts", "ls")
+        assert listed.code == 0 and listed.out.split()[:6] == ["NAME", "ADDRESS", "USER", "STATE", "GPUS", "HOST"]
+        assert "keybox" in listed.out and "pwbox" in listed.out and sshd.host_fingerprint in listed.out
+        probed = await cli("hosts", "probe", "pwbox")
+        assert probed.code == 0 and f"host pwbox: {PW_USER}@127.0.0.1:{sshd.port}" in probed.out
+        rotated = await cli("hosts", "rotate-key")
+        assert rotated.code == 0 and "credentials sealed with key k1: 0 re-encrypted, 2 already current" in rotated.out
+        wrong = await cli(
+            "hosts",
+            "add",
+            "bad",
+            "--address",
+            f"127.0.0.1:{sshd.port}",
+            "--user",
+            PW_USER,
+            "--password-stdin",
+            stdin=b"not-the-password\n",
+        )
+        assert wrong.code == 2 and "refused the credentials" in wrong.err and "not-the-password" not in wrong.err
+        removed = await cli("hosts", "rm", "pwbox")
+        assert removed.code == 0 and removed.out == "removed host pwbox\n"
+        for result in (added, keyed, listed, probed, rotated, wrong, removed):
+            assert_no_canary(result.out + result.err, "the CLI's output")

@@ -741,9 +741,16 @@ def _hosts(client: httpx.Client, args: argparse.Namespace) -> int:
                 emit_json(answer)
             else:
                 rows = [
-                    [str(h.get("name")), str(h.get("address")), str(h.get("user")), str(h.get("state") or "")]
+                    [
+                        str(h.get("name")),
+                        f"{h.get('address')}:{h.get('port')}" if h.get("port") else str(h.get("address")),
+                        str(h.get("user")),
+                        str(h.get("state") or ""),
+                        str(h.get("gpus", "")),
+                        str(h.get("host_key_fingerprint") or ""),
+                    ]
                     for h in _items(answer)
                 ]
-                for line in plain_table(("NAME", "ADDRESS", "USER", "STATE"), rows):
+                for line in plain_table(("NAME", "ADDRESS", "USER", "STATE", "GPUS", "HOST KEY"), rows):
                     print(line)
     return EXIT_OK
