@@ -420,12 +420,14 @@ async def inject_t15(run: Run) -> None:
     await asyncio.sleep(1.0)
 
 
-def poison_times(events: list[Event]) -> list[tuple[float, str]]:
-    """Seconds from a poison stage's placement to its stage.failed, and the failure class recorded."""
+def poison_times(events: list[Event], poisoned: set[str]) -> list[tuple[float, str]]:
+    """For each pipeline in `poisoned` (ids): seconds from its poison stage's first placement to the
+    stage's `stage.failed`, and the failure class recorded (other pipelines' `right` stages may fail
+    and be retried for other reasons, e.g. a killed agent: they are not counted)."""
     placed: dict[str, float] = {}
     out: list[tuple[float, str]] = []
     for e in events:
-        if e.data.get("stage") != "right":
+        if e.data.get("stage") != "right" or e.stream_id.removeprefix("pipeline-") not in poisoned:
             continue
         if e.type == "stage.placed":
             placed.setdefault(e.stream_id, e.recorded_at)
@@ -435,8 +437,8 @@ def poison_times(events: list[Event]) -> list[tuple[float, str]]:
 
 
 def bars_t15(run: Run, verdict: Verdict) -> list[Bar]:
-    times = poison_times(run.events)
     poisoned = [s for s in run.load.submissions if s.expect == "failed"]
+    times = poison_times(run.events, {s.pipeline_id for s in poisoned if s.pipeline_id})
     classes = sorted({c for _, c in times})
     worst = max((t for t, _ in times), default=None)
     return [
