@@ -507,3 +507,26 @@ async def test_an_unreachable_host_stops_heartbeating_after_the_lease_and_regist
         await asyncio.to_thread(server.start)
         await eventually(lambda: more_beats_than(silent_from), timeout=30)
         assert await hellos() > registered
+
+
+async def test_files_an_in_process_stage_wrote_here_reach_the_host_once(
+    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, js: JetStreamContext, remote_root: Path
+) -> None:
+    """A preprocess stage runs in the runner's process and writes under the mirror; the next stage's command
+    names those files: they are copied to the same place under the host's root, once."""
+    async with ssh_agent(tmp_path, sshd, nats_server, remote_root) as agent:
+        pipeline_id = new_id()
+        rows = agent.config.data_dir / "pipelines" / pipeline_id / "prep" / "rows.txt"
+        rows.parent.mkdir(parents=True)
+        rows.write_text("written-on-the-control-plane\n")
+        texts: list[str] = []
+        for _ in range(2):
+            command = run_stage(agent.agent_id, "command", {"run": ["cat", str(rows)]}, pipeline_id=pipeline_id)
+            await send(js, command)
+            done = await finished(js, command.attempt, timeout=30)
+            assert done.outcome == "succeeded", done.reason
+            texts.append("\n".join(t for _, _, t in await log_lines(js, command.attempt)))
+        assert "written-on-the-control-plane" in texts[0] and "written-on-the-control-plane" in texts[1]
+        assert "uploaded: rows.txt" in texts[0] and "uploaded: rows.txt" not in texts[1]
+        on_host = remote_root / "pipelines" / pipeline_id / "prep" / "rows.txt"
+        assert on_host.read_text() == "written-on-the-control-plane\n"

@@ -58,6 +58,18 @@ def _sha256(path: str) -> str | None:
     return digest.hexdigest()
 
 
+def _regular_size(path: str) -> int | None:
+    """The size of a regular file with content (None: no such file, a folder, or a sparse placeholder of a
+    checkpoint mirrored from the host, whose bytes live there already)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isfile(path) or (st.st_size > 0 and st.st_blocks == 0):
+        return None
+    return st.st_size
+
+
 def _append(path: str, chunk: bytes) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as fh:
@@ -319,6 +331,7 @@ class RemoteSpawner:
 
     async def _start(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, on_line: LineSink) -> RemoteChild:
         uploads = await self._upload(shipped_files([*argv, *env.values()], self._prefixes), on_line)
+        await self._sync_mirror_files(shipped_files([*argv, *env.values()], [self._paths.local_root]), on_line)
         r_argv, r_env, r_cwd = rewrite(argv, env, str(cwd), paths=self._paths, uploads=uploads)
         attempt = env.get("VERLYARD_ATTEMPT") or posixpath.basename(str(cwd))
         files = remote.run_files(self._paths.remote_root, "runs", attempt)
@@ -350,6 +363,33 @@ class RemoteSpawner:
             lease_s=self._lease_s,
         )
         return child
+
+    async def _sync_mirror_files(self, local_files: Sequence[str], on_line: LineSink) -> None:
+        """Files under the mirror that a stage of this attempt's pipeline wrote here (an in-process kind such
+        as preprocess) go to the same place under the host's root, unless a file of that size is there."""
+        for local in local_files:
+            size = await asyncio.to_thread(_regular_size, local)
+            if size is None:
+                continue
+            target = self._paths.to_remote(local)
+
+            async def op(
+                _: asyncssh.SSHClientConnection,
+                sftp: asyncssh.SFTPClient,
+                src: str = local,
+                dst: str = target,
+                want: int = size,
+            ) -> bool:
+                with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                    if (await sftp.stat(dst)).size == want:
+                        return False
+                await sftp.makedirs(posixpath.dirname(dst), exist_ok=True)
+                await sftp.put(src, dst + ".part")
+                await sftp.posix_rename(dst + ".part", dst)
+                return True
+
+            if await self._link.call(op, timeout_s=600.0):
+                on_line("stdout", f"[verlyard] uploaded: {posixpath.basename(local)} -> {target}")
 
     async def _upload(self, local_files: Sequence[str], on_line: LineSink) -> dict[str, str]:
         """Content-addressed: a blob already on the host is not sent again."""
