@@ -230,6 +230,17 @@ async def test_agent_a_cannot_touch_agent_b(secured: Secured, admin: JetStreamCo
         hijack = consumer_config(a_def)
         hijack.filter_subject = subjects.commands_of_agent(B)
         await refused(errors, lambda: js.add_consumer(stream, hijack, timeout=1), "vy.cmd.gpu-b.>")
+        # Through the one create subject it is allowed, a body aimed at B's subjects is refused by the
+        # server itself (the filter must equal the subject's; several filters cannot use it).
+        own_create = f"$JS.API.CONSUMER.CREATE.{stream}.{a_def.durable}.{subjects.commands_of_agent(A)}"
+        for trick in (
+            {"filter_subject": subjects.commands_of_agent(B)},
+            {"filter_subjects": [subjects.commands_of_agent(B)]},
+            {"filter_subject": subjects.commands_of_agent(A), "filter_subjects": [subjects.commands_of_agent(B)]},
+        ):
+            body = {"stream_name": stream, "config": {"durable_name": a_def.durable, "name": a_def.durable, **trick}}
+            answer = json.loads((await nc.request(own_create, json.dumps(body).encode(), timeout=2)).data)
+            assert answer["error"]["err_code"] in (10131, 10137), answer
         ephemeral = ConsumerConfig(filter_subject=subjects.commands_of_agent(B))
         await refused(errors, lambda: js.add_consumer(stream, ephemeral, timeout=1), f"CONSUMER.CREATE.{stream}")
         # Read the command stream directly, or administer streams.

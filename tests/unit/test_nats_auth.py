@@ -245,3 +245,41 @@ def test_a_user_needs_exactly_one_password_source() -> None:
             store_dir="/d",
             users=[ConfigUser(name="a", password_hash="x")],
         )
+
+
+def test_the_embedded_stack_gives_each_service_and_the_local_agent_its_own_user() -> None:
+    from verlyard_shared.embedded.nats import EmbeddedNats
+    from verlyard_shared.embedded.stack import _service_env  # pyright: ignore[reportPrivateUsage]
+    from verlyard_shared.nats_auth import service_user
+
+    server = EmbeddedNats(
+        Path("/srv/verlyard/nats"),
+        4333,
+        user="verlyard",
+        password="secret",
+        monitor_port=8333,
+        users=[
+            service_user("api", password_env="NATS_API_PASSWORD"),
+            service_user("scheduler", password_env="NATS_SCHEDULER_PASSWORD"),
+            agent_nats_user("box", password_env="NATS_AGENT_PASSWORD"),
+        ],
+        passwords={"NATS_API_PASSWORD": "a1", "NATS_SCHEDULER_PASSWORD": "s1", "NATS_AGENT_PASSWORD": "g1"},
+    )
+    text = server.render()
+    conf = parse_nats_conf(text)
+    assert config_problems(conf) == []
+    assert [u["user"] for u in conf["authorization"]["users"]] == ["verlyard", "api", "scheduler", "agent-box"]
+    assert not any(p in text for p in ("a1", "s1", "g1", "secret")), "passwords travel in the environment only"
+    logins = {"api": ("api", "a1"), "scheduler": ("scheduler", "s1"), "agent": ("agent-box", "g1")}
+    base = {"VERLYARD_NATS_URL": "nats://127.0.0.1:4333"}
+    assert _service_env(base, "agent", logins, "box") == {
+        **base,
+        "VERLYARD_AGENT_ID": "box",
+        "VERLYARD_NATS_USER": "agent-box",
+        "VERLYARD_NATS_PASSWORD": "g1",
+    }
+    assert _service_env(base, "api", logins, "box")["VERLYARD_NATS_USER"] == "api"
+    with pytest.raises(ValueError, match="no password"):
+        EmbeddedNats(
+            Path("/x"), 1, user="v", password="p", monitor_port=2, users=[service_user("api", password_env="P")]
+        )
