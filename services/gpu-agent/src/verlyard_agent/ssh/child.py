@@ -280,8 +280,9 @@ class RemoteChild:
                 self._on_line("stdout", line.decode(errors="replace"))
             await self._fetch_small(sftp)
 
-        with contextlib.suppress(LinkDown):
-            await self._link.call(op, timeout_s=120.0)
+        # A drop here raises LinkDown into wait(), which polls again: the exit code is re-read and the last
+        # bytes are still fetched from the same offsets (the final steps' metrics are never skipped).
+        await self._link.call(op, timeout_s=120.0)
         self._done = code
 
     async def _fetch_small(self, sftp: asyncssh.SFTPClient) -> None:
