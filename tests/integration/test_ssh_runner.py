@@ -463,7 +463,7 @@ async def test_the_scheduler_places_a_stage_on_a_registered_ssh_host(
         async with scheduler(pg_url, nats_server.authed_url, lease_s=10.0):
             stage = {
                 "kind": "command",
-                "with": {"run": ["sh", "-c", "hostname > where.txt; echo remote-ok"]},
+                "with": {"run": ["sh", "-c", "echo placed-here > where.txt; echo remote-ok"]},
                 "resources": {"labels": {"zone": "loop"}},
             }
             pid = await submit(store, {"hello": stage}, name="over-ssh")
@@ -475,7 +475,7 @@ async def test_the_scheduler_places_a_stage_on_a_registered_ssh_host(
         runs = list((remote_root / "runs").iterdir())
         assert len(runs) == 1 and "remote-ok" in (runs[0] / "output.log").read_text()
         fetched = list((tmp_path / "runner" / "ssh" / "gpubox").rglob("where.txt"))
-        assert len(fetched) == 1 and fetched[0].read_text().strip()
+        assert len(fetched) == 1 and fetched[0].read_text() == "placed-here\n"
     finally:
         await runner.stop()
 
