@@ -530,3 +530,21 @@ async def test_files_an_in_process_stage_wrote_here_reach_the_host_once(
         assert "uploaded: rows.txt" in texts[0] and "uploaded: rows.txt" not in texts[1]
         on_host = remote_root / "pipelines" / pipeline_id / "prep" / "rows.txt"
         assert on_host.read_text() == "written-on-the-control-plane\n"
+
+
+async def test_a_kind_running_two_processes_gets_each_ones_output_once(
+    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, js: JetStreamContext, remote_root: Path
+) -> None:
+    """Two children of one attempt, one after the other (as the evaluate and export kinds may run): the
+    second's output is its own, not the first's again."""
+    collected: list[str] = []
+
+    def collect(stream: str, text: str) -> None:
+        collected.append(text)
+
+    async with ssh_agent(tmp_path, sshd, nats_server, remote_root) as agent:
+        work = agent.config.data_dir / "w"
+        for word in ("first", "second"):
+            child = await agent.spawner(["echo", word], env={}, cwd=work, on_line=collect)
+            assert await child.wait() == 0
+    assert [line for line in collected if not line.startswith("[verlyard]")] == ["first", "second"]

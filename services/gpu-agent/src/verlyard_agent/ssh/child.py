@@ -344,8 +344,9 @@ class RemoteSpawner:
         checkpoint_dir = next(
             (a[len(CHECKPOINT_KEY) :].strip("'\"") for a in r_argv if a.startswith(CHECKPOINT_KEY)), None
         )
-        # A relaunch of the same attempt (not expected) starts its files afresh.
-        await self._link.run(remote.command(["rm", "-f", files.pid_file, files.exit_file]))
+        # A kind may run several processes one after the other in one attempt (each read to its end before
+        # the next starts): each starts with fresh files.
+        await self._link.run(remote.command(["rm", "-f", files.pid_file, files.exit_file, files.log_file]))
         done = await self._link.run(remote.launch_detached(files, r_argv, env=r_env, cwd=r_cwd))
         if done.exit_status != 0:
             raise StageFailure(
