@@ -51,6 +51,7 @@ from tests.integration.api_app import api_env
 from tests.integration.scheduler_kit import history, scheduler, submit, wait_terminal
 from tests.plugins.ssh import KEY_USER, SshServer, canary_key, key_canaries, new_sshd
 from tests.plugins.trainer import TRAINER_ENV_TIMEOUT_S, TinyAssets
+from verlyard_agent import checkpoints
 from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.lifecycle import AttemptRecord
 from verlyard_agent.ssh.agent import SshAgent, SshHostConfig, ssh_agent_config
@@ -548,3 +549,22 @@ async def test_a_kind_running_two_processes_gets_each_ones_output_once(
             child = await agent.spawner(["echo", word], env={}, cwd=work, on_line=collect)
             assert await child.wait() == 0
     assert [line for line in collected if not line.startswith("[verlyard]")] == ["first", "second"]
+
+
+async def test_a_folder_the_command_names_comes_back_small_files_whole_big_ones_sparse(
+    tmp_path: Path, sshd: SshServer, nats_server: EmbeddedNats, js: JetStreamContext, remote_root: Path
+) -> None:
+    """What an export leaves on the host (a Hugging Face folder): config files come back, the weights stay
+    there and are mirrored as sparse files of their size, so the export kind's own check passes."""
+    async with ssh_agent(tmp_path, sshd, nats_server, remote_root) as agent:
+        target = agent.config.data_dir / "pipelines" / "p1" / "export" / "s1"
+        script = 'mkdir -p "$1" && echo "{}" > "$1/config.json" && head -c 3000000 /dev/zero > "$1/model.safetensors"'
+        command = run_stage(agent.agent_id, "command", {"run": ["sh", "-c", script, "sh", str(target)]})
+        await send(js, command)
+        done = await finished(js, command.attempt, timeout=30)
+        assert done.outcome == "succeeded", done.reason
+    assert (target / "config.json").read_text() == "{}\n"
+    weights = (target / "model.safetensors").stat()
+    assert weights.st_size == 3_000_000 and weights.st_blocks == 0  # the bytes stayed on the host
+    assert checkpoints.has_hf_weights(os.listdir(target))
+    assert (remote_root / "pipelines" / "p1" / "export" / "s1" / "model.safetensors").stat().st_size == 3_000_000

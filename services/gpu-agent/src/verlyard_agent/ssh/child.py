@@ -76,6 +76,14 @@ def _append(path: str, chunk: bytes) -> None:
         fh.write(chunk)
 
 
+def _sparse(folder: Path, listing: Mapping[str, int]) -> None:
+    for name, size in listing.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as fh:
+            fh.truncate(size)
+
+
 def _placeholders(step_dir: Path, listing: Mapping[str, int], tracker: Path, content: bytes) -> None:
     """The checkpoint's file names with their sizes as sparse files (no bytes copied), then the tracker."""
     for name, size in listing.items():
@@ -126,6 +134,7 @@ class RemoteChild:
         checkpoint_dir: str | None,
         work_dir: str,
         lease_s: float,
+        named_dirs: Sequence[str] = (),
     ) -> None:
         self._link = link
         self.files = files
@@ -137,6 +146,7 @@ class RemoteChild:
         self._checkpoint_dir = checkpoint_dir
         self._tracker_seen: bytes | None = None
         self._work_dir = work_dir
+        self._named_dirs = [d for d in named_dirs if d != work_dir]
         self._lease_s = lease_s
         self.pid = 0
         self.pgid = 0
@@ -286,26 +296,39 @@ class RemoteChild:
         self._done = code
 
     async def _fetch_small(self, sftp: asyncssh.SFTPClient) -> None:
-        """Small files of the run's work folder come back to the mirror (eval results); big ones stay."""
+        """Small files of the run's work folder come back to the mirror (eval results); big ones stay, and are
+        said to. Folders the command named (an export's target) come back the same way, their big files as
+        sparse placeholders of the right size, so the kind's own checks (HF weights present) read the mirror."""
+        await self._fetch_folder(sftp, self._work_dir, announce=True)
+        for folder in self._named_dirs:
+            await self._fetch_folder(sftp, folder, announce=False)
+
+    async def _fetch_folder(self, sftp: asyncssh.SFTPClient, folder: str, *, announce: bool) -> None:
         try:
-            entries = await sftp.readdir(self._work_dir)
-        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPFailure):
+            entries = await sftp.readdir(folder)
+        except asyncssh.SFTPError:  # not there, or not a folder (an uploaded file named on the command line)
             return
         mirrored = {remote_path for remote_path in self._mirrors}
+        big: dict[str, int] = {}
         for entry in entries:
             filename = str(entry.filename)
             if filename in (".", "..") or entry.attrs.type != FILEXFER_TYPE_REGULAR:
                 continue
-            path = posixpath.join(self._work_dir, filename)
-            if path in mirrored:
+            path = posixpath.join(folder, filename)
+            if path in mirrored or path == self.files.log_file:
                 continue
             size = entry.attrs.size or 0
             local = Path(self._paths.to_local(path))
             if size <= FETCH_BACK_MAX_BYTES:
-                local.parent.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(local.parent.mkdir, parents=True, exist_ok=True)
                 await sftp.get(path, str(local))
             else:
-                self._on_line("stdout", f"[verlyard] {path} ({size} bytes) stays on host {self._link.target.name}")
+                big[filename] = size
+                if announce:
+                    self._on_line("stdout", f"[verlyard] {path} ({size} bytes) stays on host {self._link.target.name}")
+        if big and not announce:
+            await asyncio.to_thread(_sparse, Path(self._paths.to_local(folder)), big)
+            self._on_line("stdout", f"[verlyard] {folder} stays on host {self._link.target.name}")
 
 
 class RemoteSpawner:
@@ -362,6 +385,8 @@ class RemoteSpawner:
             mirror=mirror,
             checkpoint_dir=checkpoint_dir,
             work_dir=r_cwd,
+            # Whole argv tokens naming a place under the host's root (an export's target folder).
+            named_dirs=[a for a in r_argv if a.startswith(self._paths.remote_root.rstrip("/") + "/")],
             lease_s=self._lease_s,
         )
         return child

@@ -13,9 +13,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from verlyard_shared.hosts.remote import check_segment, contains, under
+from verlyard_shared.hosts.remote import RemoteError, check_segment, contains, under
 
 _PATH_END = r"[^\s,\]\[\"'=:;]+"
+_DOTDOT = re.compile(r"(?:^|[/\s,\]\[\"'=:;])\.\.(?:$|[/\s,\]\[\"'=:;])")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,14 +29,20 @@ class PathMap:
     def to_remote(self, text: str) -> str:
         """`text` with every occurrence of a mirror path rewritten to the host's (paths stay under the root)."""
         base = self.local_root.rstrip("/")
-        pattern = re.compile(re.escape(base) + r"(?=/|$|[\s,\]\"'=:;])(/" + _PATH_END + ")?")
+        # Only where a path starts (not inside a longer one: `x/var/...` is not ours).
+        pattern = re.compile(r"(?<![A-Za-z0-9_./~-])" + re.escape(base) + r"(?=/|$|[\s,\]\"'=:;])(/" + _PATH_END + ")?")
 
         def swap(match: re.Match[str]) -> str:
             rest = (match.group(1) or "").strip("/")
             parts = [p for p in rest.split("/") if p]
             return under(self.remote_root, *parts) if parts else self.remote_root
 
-        return pattern.sub(swap, text)
+        out = pattern.sub(swap, text)
+        if out != text and _DOTDOT.search(text):
+            # A `..` next to a rewritten path could walk out of the root after it (`<mirror>/"/../..`):
+            # no stage command needs one, so refuse the token rather than guess where the path ends.
+            raise RemoteError(f"a path in {text!r} has a '..' segment: refused")
+        return out
 
     def to_local(self, remote_path: str) -> str:
         """A host path under the root, as its mirror path (ValueError when outside the root)."""
