@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "tests" / "fixtures" / "event_logs"
 AGENT = "r1-agent"
 META = Metadata(actor="bench-r1", correlation_id="bench-r1")
-LOADED_FIELDS = ("events", "streams", "live_streams", "active", "pipelines")
+LOADED_FIELDS = ("events", "streams", "live_streams", "active", "pipelines", "scan_s", "read_s", "fold_s")
 
 
 def _templates() -> list[tuple[str, list[str]]]:
