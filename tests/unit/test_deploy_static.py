@@ -29,7 +29,13 @@ DOCKERFILES = {svc: DEPLOY / "docker" / f"{svc}.Dockerfile" for svc in ("api", "
 ENV_EXAMPLES = [*sorted(DEPLOY.glob("systemd/*.env.example")), DEPLOY / "compose.env.example"]
 
 # compose service -> the `verlyard` subcommand it must run.
-SUBCOMMANDS = {"migrate": "migrate", "api": "api", "scheduler": "scheduler", "gpu-agent": "agent"}
+SUBCOMMANDS = {
+    "migrate": "migrate",
+    "api": "api",
+    "scheduler": "scheduler",
+    "ssh-runner": "ssh-runner",
+    "gpu-agent": "agent",
+}
 ONE_SHOT = {"migrate"}
 # Compose-only knobs that are not `verlyard` settings (none of them is a secret).
 COMPOSE_ONLY_VARS = {
@@ -168,7 +174,7 @@ def _parses(argv: list[str]) -> argparse.Namespace:
 
 
 def test_compose_has_the_whole_stack() -> None:
-    assert set(SERVICES) >= {"postgres", "nats", "migrate", "api", "scheduler", "gpu-agent"}
+    assert set(SERVICES) >= {"postgres", "nats", "migrate", "api", "scheduler", "ssh-runner", "gpu-agent"}
 
 
 @pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
@@ -457,7 +463,7 @@ def test_depends_on_uses_conditions(name: str) -> None:
         assert condition == expected, f"{name} -> {target}: {condition}"
 
 
-@pytest.mark.parametrize("name", ["api", "scheduler"])
+@pytest.mark.parametrize("name", ["api", "scheduler", "ssh-runner"])
 def test_control_plane_waits_for_migrations_and_its_servers(name: str) -> None:
     assert set(SERVICES[name]["depends_on"]) >= {"migrate", "postgres", "nats"}
 
@@ -514,6 +520,25 @@ def test_the_agent_gets_gpus_and_no_database() -> None:
     assert env["VERLYARD_TRAINER_PYTHON"] == "/opt/trainer/bin/python"
     assert agent.get("stop_signal", "SIGTERM") == "SIGTERM"
     assert _seconds(str(agent["stop_grace_period"])) >= 300, "give the agent time to drain on stop"
+
+
+def test_the_ssh_runner_runs_from_an_image_that_carries_it() -> None:
+    # `verlyard ssh-runner` imports verlyard_agent.ssh (asyncssh): the image must install the agent
+    # package with its `ssh` extra, and stay free of the trainer (test_service_images_never_carry_the_trainer).
+    runner = SERVICES["ssh-runner"]
+    image = _image_dockerfile(runner)
+    assert image is DOCKER["api"], "the ssh-runner shares the API image"
+    installs = [r for r in image.all("RUN") if "/opt/verlyard/bin/pip install" in r]
+    assert any('"verlyard-agent[ssh]"' in r for r in installs), "install verlyard-agent[ssh] in the API image"
+    assert any("COPY services/gpu-agent/" in f"COPY {rest}" for rest in image.all("COPY"))
+    extras = (ROOT / "services" / "gpu-agent" / "pyproject.toml").read_text()
+    assert re.search(r'^ssh = \[[^\]]*"asyncssh', extras, re.M), "the agent's `ssh` extra brings asyncssh"
+    env = _env(runner)
+    assert env["VERLYARD_NATS_USER"] == "ssh-runner"
+    assert _required(env["VERLYARD_SECRET_KEY"]), "the runner opens sealed host credentials: no default key"
+    assert env["VERLYARD_SECRET_KEY"] == _env(SERVICES["api"])["VERLYARD_SECRET_KEY"], "the API's key seals them"
+    assert env["VERLYARD_DATABASE_URL"] == _env(SERVICES["api"])["VERLYARD_DATABASE_URL"]
+    assert _seconds(str(runner["stop_grace_period"])) >= 60, "its hosts' agents drain on stop (up to 60 s)"
 
 
 # ---------------------------------------------------------------- Dockerfile lint
