@@ -526,8 +526,8 @@ def test_the_ssh_runner_runs_from_an_image_that_carries_it() -> None:
     # `verlyard ssh-runner` imports verlyard_agent.ssh (asyncssh): the image must install the agent
     # package with its `ssh` extra, and stay free of the trainer (test_service_images_never_carry_the_trainer).
     runner = SERVICES["ssh-runner"]
-    image = _image_dockerfile(runner)
-    assert image is DOCKER["api"], "the ssh-runner shares the API image"
+    assert _image_dockerfile(runner) is DOCKER["api"], "the ssh-runner shares the API image"
+    image = DOCKER["api"]
     installs = [r for r in image.all("RUN") if "/opt/verlyard/bin/pip install" in r]
     assert any('"verlyard-agent[ssh]"' in r for r in installs), "install verlyard-agent[ssh] in the API image"
     assert any("COPY services/gpu-agent/" in f"COPY {rest}" for rest in image.all("COPY"))
