@@ -103,6 +103,15 @@ def test_every_with_key_is_read_by_its_stage_kind(path: Path) -> None:
         assert not unknown, f"{path.name}: stages.{name}.with has keys the agent never reads: {sorted(unknown)}"
 
 
+def test_paths_the_agent_wants_absolute_are_absolute() -> None:
+    for path in example_files():
+        for name, stage in load(path).stages.items():
+            tokenizer = stage.params.get("tokenizer")  # preprocess refuses anything but a folder on the host
+            assert tokenizer is None or str(tokenizer).startswith("/"), f"{path.name}: stages.{name}"
+            reward = stage.params.get("reward_function")
+            assert reward is None or str(reward["path"]).startswith("/"), f"{path.name}: stages.{name}"
+
+
 def test_the_no_op_examples_are_only_no_ops() -> None:
     for name in ("diamond.yaml", "three-layer.yaml"):
         assert {s.kind for s in load(EXAMPLES / name).stages.values()} == {"noop"}
