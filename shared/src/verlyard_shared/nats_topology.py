@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -34,6 +36,7 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
+from verlyard_shared.settings import Settings
 from verlyard_shared.topology import CONSUMERS, STREAMS, ConsumerDef, StreamDef, agent_command_consumer
 
 log = structlog.get_logger("verlyard.nats")
@@ -201,6 +204,34 @@ def _server_of(nc: NATS) -> str:
     return f"{uri.hostname}:{uri.port}" if uri is not None else "?"
 
 
+@dataclass(frozen=True, kw_only=True)
+class NatsTls:
+    """TLS to NATS beyond the defaults: a private CA to trust instead of the system's, and a client
+    certificate for a server that verifies clients (`verify: true`). Paths of PEM files."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the server's certificate and name (never turned off)."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+def nats_tls(settings: Settings) -> NatsTls | None:
+    """The TLS files VERLYARD_NATS_CA_FILE / _CERT_FILE / _KEY_FILE name; None when none is set.
+
+    None does not mean plain text: a server that requires TLS (or a `tls://` URL) still gets TLS,
+    verified against the system's CAs.
+    """
+    if settings.nats_ca_file is None and settings.nats_cert_file is None:
+        return None
+    return NatsTls(ca_file=settings.nats_ca_file, cert_file=settings.nats_cert_file, key_file=settings.nats_key_file)
+
+
 async def connect_nats(
     url: str | Sequence[str],
     *,
@@ -210,23 +241,32 @@ async def connect_nats(
     creds: str | None = None,
     connect_timeout: float = 5.0,
     inbox_prefix: str | None = None,
+    tls: NatsTls | None = None,
 ) -> NATS:
     """A nats-py client that reconnects forever once connected; the first connect fails fast.
 
     `url` may be one URL, a comma-separated list or a sequence (a cluster). `creds` is the path of a
     `.creds` file (JWT + nkey). `inbox_prefix` replaces `_INBOX` for replies (an agent's user may
-    subscribe only below its own: `nats_auth.agent_inbox_prefix`). Disconnects, reconnects and async
-    errors are logged with structlog.
+    subscribe only below its own: `nats_auth.agent_inbox_prefix`). `tls`: the CA to trust (and a
+    client certificate) when the server requires TLS; without it nats-py still upgrades to TLS when the
+    server asks, trusting the system's CAs. Disconnects, reconnects and async errors are logged with structlog.
     """
     servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
     nc = NATS()
     clog = log.bind(client=name)
 
     seen: collections.deque[Exception] = collections.deque(maxlen=8)  # the latest, for a failed first connect
+    tls_failures: list[ssl.SSLError] = []
+    connecting: asyncio.Future[None] | None = None
 
     async def on_error(exc: Exception) -> None:
         seen.append(exc)
         clog.warning("nats_error", error=type(exc).__name__, detail=str(exc))
+        # A certificate that does not verify will not verify on the next try either, and nats-py's first
+        # connect stalls after a failed handshake (until our timeout): give up at once and say why.
+        if isinstance(exc, ssl.SSLError) and connecting is not None and not connecting.done():
+            tls_failures.append(exc)
+            connecting.cancel()
 
     async def on_disconnected() -> None:
         clog.warning("nats_disconnected")
@@ -246,9 +286,11 @@ async def connect_nats(
         options["user_credentials"] = creds
     if inbox_prefix is not None:
         options["inbox_prefix"] = inbox_prefix
+    if tls is not None:
+        options["tls"] = tls.context()
     try:
-        async with asyncio.timeout(connect_timeout * (len(servers) + 1) + 5):
-            await nc.connect(
+        connecting = asyncio.ensure_future(
+            nc.connect(
                 servers=servers,
                 name=name,
                 connect_timeout=int(max(1, round(connect_timeout))),
@@ -264,7 +306,18 @@ async def connect_nats(
                 closed_cb=on_closed,
                 **options,
             )
+        )
+        async with asyncio.timeout(connect_timeout * (len(servers) + 1) + 5):
+            try:
+                await connecting
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if tls_failures and (task is None or not task.cancelling()):
+                    raise tls_failures[-1] from None
+                raise
     except BaseException as exc:
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
         # Prefer what the server said (an auth violation) over the socket errors that followed it.
         spoken = [e for e in seen if isinstance(e, nats.errors.Error) and not isinstance(e, NoServersError)]
         cause = spoken[-1] if spoken else (seen[-1] if seen else None)

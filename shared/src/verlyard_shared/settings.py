@@ -34,6 +34,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_user: str | None = None
     nats_password: str | None = None
     nats_creds: str | None = None
+    nats_ca_file: str | None = None
+    """VERLYARD_NATS_CA_FILE: the CA (PEM) that signed the NATS server's certificate; default: the system's CAs."""
+    nats_cert_file: str | None = None
+    """VERLYARD_NATS_CERT_FILE: a client certificate (PEM) for a server that verifies clients (mutual TLS)."""
+    nats_key_file: str | None = None
+    """VERLYARD_NATS_KEY_FILE: the private key (PEM) of VERLYARD_NATS_CERT_FILE."""
     lease_s: float = 30.0
     heartbeat_s: float = 5.0
     agent_cancel_grace_s: float = 10.0
@@ -110,6 +116,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"VERLYARD_LOG_LEVEL={level!r} must be one of {sorted(_LEVELS)}")
     api_url = _url(env, "VERLYARD_API_URL", ("http", "https")) or "http://127.0.0.1:8400"
     port = _int(env, "VERLYARD_API_PORT", 8400, low=1, high=65535)
+    nats_cert_file = env.get("VERLYARD_NATS_CERT_FILE") or None
+    nats_key_file = env.get("VERLYARD_NATS_KEY_FILE") or None
+    if (nats_cert_file is None) != (nats_key_file is None):
+        raise SettingsError("VERLYARD_NATS_CERT_FILE and VERLYARD_NATS_KEY_FILE go together: set both or neither")
     agent_id = env.get("VERLYARD_AGENT_ID") or None
     if agent_id is not None:
         from verlyard_shared.subjects import token
@@ -136,6 +146,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         nats_user=env.get("VERLYARD_NATS_USER") or None,
         nats_password=env.get("VERLYARD_NATS_PASSWORD") or None,
         nats_creds=env.get("VERLYARD_NATS_CREDS") or None,
+        nats_ca_file=env.get("VERLYARD_NATS_CA_FILE") or None,
+        nats_cert_file=nats_cert_file,
+        nats_key_file=nats_key_file,
         lease_s=_float(env, "VERLYARD_LEASE_S", 30.0, low=1.0, high=86_400.0),
         heartbeat_s=_float(env, "VERLYARD_HEARTBEAT_S", 5.0, low=0.05, high=3_600.0),
         agent_cancel_grace_s=_float(env, "VERLYARD_AGENT_CANCEL_GRACE_S", 10.0, low=0.0, high=3_600.0),
@@ -166,6 +179,9 @@ ENV_NAMES: tuple[str, ...] = (
     "VERLYARD_NATS_USER",
     "VERLYARD_NATS_PASSWORD",
     "VERLYARD_NATS_CREDS",
+    "VERLYARD_NATS_CA_FILE",
+    "VERLYARD_NATS_CERT_FILE",
+    "VERLYARD_NATS_KEY_FILE",
     "VERLYARD_LEASE_S",
     "VERLYARD_HEARTBEAT_S",
     "VERLYARD_AGENT_CANCEL_GRACE_S",

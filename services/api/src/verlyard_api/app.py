@@ -118,7 +118,7 @@ async def serve(settings: Settings) -> None:
     from verlyard_api.adapters.pg_telemetry_listen import TelemetryListener
     from verlyard_api.adapters.pg_tokens import bootstrap_admin_token
     from verlyard_api.relay import OutboxRelay
-    from verlyard_shared.nats_topology import connect_nats, ensure_topology
+    from verlyard_shared.nats_topology import connect_nats, ensure_topology, nats_tls
     from verlyard_shared.store.migrate import migrate
     from verlyard_shared.store.postgres import connect_pool
 
@@ -158,6 +158,7 @@ async def serve(settings: Settings) -> None:
                 user=settings.nats_user,
                 password=settings.nats_password,
                 creds=settings.nats_creds,
+                tls=nats_tls(settings),
             ),
             stop,
         )

@@ -457,7 +457,7 @@ async def _first(*events: asyncio.Event) -> None:
 
 
 async def _serve(consumer: str, batch_size: int) -> None:
-    from verlyard_shared.nats_topology import connect_nats, ensure_topology
+    from verlyard_shared.nats_topology import connect_nats, ensure_topology, nats_tls
     from verlyard_shared.runtime import retry_until, stop_on_signals
     from verlyard_shared.settings import load_settings
     from verlyard_shared.store.postgres import connect_pool
@@ -480,6 +480,7 @@ async def _serve(consumer: str, batch_size: int) -> None:
                 user=settings.nats_user,
                 password=settings.nats_password,
                 creds=settings.nats_creds,
+                tls=nats_tls(settings),
             ),
             stop,
         )

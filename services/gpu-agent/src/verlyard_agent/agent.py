@@ -40,7 +40,7 @@ from verlyard_shared.commands import AnyCommand, CancelAttempt, DrainAgent, RunS
 from verlyard_shared.events import GpuInfo
 from verlyard_shared.ids import new_id
 from verlyard_shared.nats_auth import agent_inbox_prefix
-from verlyard_shared.nats_topology import connect_nats
+from verlyard_shared.nats_topology import NatsTls, connect_nats
 from verlyard_shared.reports import AttemptAcceptedReport, AttemptFinishedReport, Report
 from verlyard_shared.runtime import retry_until
 
@@ -59,6 +59,7 @@ class AgentConfig:
     nats_user: str | None = None
     nats_password: str | None = None
     nats_creds: str | None = None
+    nats_tls: NatsTls | None = None
     slots: int = 2
     labels: Mapping[str, str] = field(default_factory=dict[str, str])
     heartbeat_s: float = 5.0
@@ -298,6 +299,7 @@ class Agent:
             user=cfg.nats_user,
             password=cfg.nats_password,
             creds=cfg.nats_creds,
+            tls=cfg.nats_tls,
             # An agent's NATS user may subscribe only below its own inbox prefix (docs/adr/0015).
             inbox_prefix=agent_inbox_prefix(self.agent_id),
         )

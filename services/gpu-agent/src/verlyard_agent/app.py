@@ -22,6 +22,7 @@ from verlyard_agent.agent import Agent, AgentBusy, AgentConfig
 from verlyard_agent.layout import default_data_dir
 from verlyard_shared import subjects
 from verlyard_shared.logging import configure_logging
+from verlyard_shared.nats_topology import nats_tls
 from verlyard_shared.settings import Settings, SettingsError, parse_labels
 
 log = structlog.get_logger("verlyard.agent")
@@ -61,6 +62,7 @@ def build_config(
         nats_user=settings.nats_user,
         nats_password=settings.nats_password,
         nats_creds=settings.nats_creds,
+        nats_tls=nats_tls(settings),
         slots=slots if slots is not None else settings.agent_slots,
         labels=merged,
         heartbeat_s=settings.heartbeat_s,

@@ -26,7 +26,7 @@ def config_from(settings: Settings) -> SchedulerConfig:
 
 
 async def serve(settings: Settings) -> None:
-    from verlyard_shared.nats_topology import connect_nats, ensure_topology
+    from verlyard_shared.nats_topology import connect_nats, ensure_topology, nats_tls
     from verlyard_shared.store.postgres import PostgresEventStore, connect_pool
 
     stop = asyncio.Event()
@@ -47,6 +47,7 @@ async def serve(settings: Settings) -> None:
                 user=settings.nats_user,
                 password=settings.nats_password,
                 creds=settings.nats_creds,
+                tls=nats_tls(settings),
             ),
             stop,
         )

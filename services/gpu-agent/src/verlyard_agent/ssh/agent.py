@@ -20,6 +20,7 @@ from verlyard_agent.ssh.paths import PathMap
 from verlyard_shared.events import GpuInfo
 from verlyard_shared.hosts import remote
 from verlyard_shared.hosts.remote import RemoteError
+from verlyard_shared.nats_topology import NatsTls
 from verlyard_shared.reports import GpuStatus
 
 REMOTE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -146,6 +147,7 @@ def ssh_agent_config(
     nats_user: str | None = None,
     nats_password: str | None = None,
     nats_creds: str | None = None,
+    nats_tls: NatsTls | None = None,
     heartbeat_s: float = 5.0,
     cancel_grace_s: float = 10.0,
     slots: int = 2,
@@ -160,6 +162,7 @@ def ssh_agent_config(
         nats_user=nats_user,
         nats_password=nats_password,
         nats_creds=nats_creds,
+        nats_tls=nats_tls,
         slots=slots,
         labels={**host.labels, "verlyard/ssh-host": host.name},
         heartbeat_s=heartbeat_s,

@@ -24,6 +24,7 @@ from verlyard_shared.hosts import ssh
 from verlyard_shared.hosts.remote import ROOT_DIR, RemoteError, check_root
 from verlyard_shared.hosts.vault import KeyRing, VaultError, aad_for
 from verlyard_shared.logging import configure_logging
+from verlyard_shared.nats_topology import nats_tls
 from verlyard_shared.runtime import retry_until, stop_on_signals
 from verlyard_shared.settings import Settings
 
@@ -72,6 +73,7 @@ class SshRunner:
             nats_user=s.nats_user,
             nats_password=s.nats_password,
             nats_creds=s.nats_creds,
+            nats_tls=nats_tls(s),
             heartbeat_s=s.heartbeat_s,
             cancel_grace_s=s.agent_cancel_grace_s,
             slots=s.agent_slots,
