@@ -32,7 +32,7 @@ from tests.integration.agent_support import agent_config, finished, run_stage, r
 from verlyard_shared.embedded.nats import EmbeddedNats, TlsConfig
 from verlyard_shared.embedded.ports import free_port
 from verlyard_shared.nats_topology import NatsTls, connect_nats, ensure_topology, nats_tls
-from verlyard_shared.settings import SettingsError, load_settings
+from verlyard_shared.settings import load_settings
 
 # ---------------------------------------------------------------- a throwaway PKI
 
@@ -263,14 +263,6 @@ async def test_settings_name_the_ca_and_a_real_agent_runs_a_stage_over_tls(
             assert (await finished(js, command.attempt)).outcome == "succeeded"
     finally:
         await nc.close()
-
-
-def test_nats_tls_settings() -> None:
-    assert nats_tls(load_settings({})) is None
-    both = load_settings({"VERLYARD_NATS_CERT_FILE": "/c.pem", "VERLYARD_NATS_KEY_FILE": "/k.pem"})
-    assert nats_tls(both) == NatsTls(cert_file="/c.pem", key_file="/k.pem")
-    with pytest.raises(SettingsError, match="VERLYARD_NATS_KEY_FILE"):
-        load_settings({"VERLYARD_NATS_CERT_FILE": "/c.pem"})
 
 
 async def test_mutual_tls_needs_a_client_certificate(tmp_path: Path, pki: Pki) -> None:

@@ -61,3 +61,17 @@ def test_secrets_never_appear_in_errors() -> None:
 
 def test_labels_parser_skips_empty_items() -> None:
     assert parse_labels("a=1,,b=2,") == {"a": "1", "b": "2"}
+
+
+def test_nats_tls_files_are_read_and_the_client_pair_goes_together() -> None:
+    from verlyard_shared.nats_topology import NatsTls, nats_tls
+
+    assert nats_tls(load_settings({})) is None
+    ca = load_settings({"VERLYARD_NATS_CA_FILE": "/etc/verlyard/ca.pem"})
+    assert nats_tls(ca) == NatsTls(ca_file="/etc/verlyard/ca.pem")
+    pair = load_settings({"VERLYARD_NATS_CERT_FILE": "/c.pem", "VERLYARD_NATS_KEY_FILE": "/k.pem"})
+    assert nats_tls(pair) == NatsTls(cert_file="/c.pem", key_file="/k.pem")
+    with pytest.raises(SettingsError, match="VERLYARD_NATS_KEY_FILE"):
+        load_settings({"VERLYARD_NATS_CERT_FILE": "/c.pem"})
+    with pytest.raises(SettingsError, match="VERLYARD_NATS_CERT_FILE"):
+        load_settings({"VERLYARD_NATS_KEY_FILE": "/k.pem"})
