@@ -215,6 +215,19 @@ async def test_a_client_that_trusts_the_ca_uses_jetstream_over_tls(tls_server: E
         await nc.close()
 
 
+async def test_a_tls_url_works_the_same(tls_server: EmbeddedNats, pki: Pki) -> None:
+    url = tls_server.url.replace("nats://", "tls://")
+    settings = load_settings({"VERLYARD_NATS_URL": url, "VERLYARD_NATS_CA_FILE": str(pki.ca)})
+    assert settings.nats_url == url
+    nc = await connect_nats(
+        url, name="tls-url", user=tls_server.user, password=tls_server.password, tls=nats_tls(settings)
+    )
+    try:
+        await nc.flush(timeout=5)
+    finally:
+        await nc.close()
+
+
 async def test_a_plain_text_client_is_refused(tls_server: EmbeddedNats) -> None:
     # nats-py always upgrades when the server asks, so speak the protocol by hand, as a plain client would.
     reader, writer = await asyncio.open_connection(tls_server.host, tls_server.port)
