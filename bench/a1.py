@@ -99,6 +99,28 @@ async def _through_verlyard(client: Client, params: dict[str, Any], i: int) -> t
     return succeeded - submitted, around
 
 
+def _stack_processes(home: Path) -> list[psutil.Process]:
+    """verlyard's own processes of the stack at `home` between runs (so no trainer is among them): `up`
+    and its children (api, scheduler, agent, nats-server), and the Postgres server with its backends."""
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if str(home) in " ".join(proc.info["cmdline"] or []):  # `up --home`, the postmaster's `-D`
+            for member in (proc, *proc.children(recursive=True)):
+                found[member.pid] = member
+    return list(found.values())
+
+
+def _cpu_s(processes: list[psutil.Process]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        out[proc.pid] = times.user + times.system
+    return out
+
+
 def _agent_rss_mb(home: Path) -> float:
     pid = int((home / "run" / "agent.pid").read_text())
     return psutil.Process(pid).memory_info().rss / 1e6
@@ -116,9 +138,16 @@ async def run(client: Client, quick: bool) -> Result:
     direct: list[float] = []
     through: list[float] = []
     around: list[float] = []
+    stack_cpu: list[float] = []
     for i in range(repeats):
         direct.append(await asyncio.to_thread(_direct, python, params))
+        processes = _stack_processes(client.stack_home)
+        before = _cpu_s(processes)
         total, outside = await _through_verlyard(client, params, i)
+        after = _cpu_s(processes)
+        # CPU the stack itself burnt while the run went through it: on 2 cores it is time taken from the
+        # trainer, so it bounds the slowdown verlyard can cause beside its own time around the trainer.
+        stack_cpu.append(sum(after[pid] - before[pid] for pid in after if pid in before))
         through.append(total)
         around.append(outside)
     overhead = [t - d for t, d in zip(through, direct, strict=True)]
@@ -128,6 +157,7 @@ async def run(client: Client, quick: bool) -> Result:
         "verlyard_s": through,
         "overhead_s": overhead,
         "around_trainer_s": around,
+        "stack_cpu_s": stack_cpu,
         "agent_idle_rss_mb": idle_rss,
     }
     result.summaries = {k: summary(v) for k, v in result.raw.items() if isinstance(v, list)}
@@ -146,6 +176,9 @@ async def run(client: Client, quick: bool) -> Result:
         statistics.median(around),
         lambda v: v <= allowed,
         unit="s",
+    )
+    result.check(
+        "CPU the stack used during a run (median)", "(reported)", statistics.median(stack_cpu), lambda v: True, "s"
     )
     result.check("agent idle RSS", "<= 80 MB", idle_rss, lambda v: v <= 80, unit="MB")
     result.notes.append(f"direct median {d50:.2f} s, through verlyard median {t50:.2f} s")
