@@ -43,10 +43,13 @@ browser: $(STAMP)
 	$(PY) -m pytest tests/browser -q
 
 # The full suite needs the real trainer env: a failed build fails `make test` (no silent verl skips in CI).
+# The browser tests run in a pytest process of their own: Playwright's sync API keeps an event loop
+# running in the main thread for its session, which every asyncio test after it would trip over.
 test: $(STAMP)
 	scripts/trainer-env.sh >/dev/null
 	$(MAKE) lint
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/browser
+	$(PY) -m pytest tests/browser -q
 
 up: $(STAMP)
 	$(VENV)/bin/verlyard up
