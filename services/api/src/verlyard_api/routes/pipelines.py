@@ -138,23 +138,14 @@ async def submit_pipeline(
             if key is None:
                 raise
             continue  # a concurrent request with the same key won the race: decide again against it
-        headers = {"Location": f"/api/v1/pipelines/{pipeline_id}"}
-        if result.duplicate:
-            return await _answer(ctx, pipeline_id, result.last_position, status=200, headers=headers)
-        return await _answer_new(ctx, stream, pipeline_id, headers)
+        return await _answer(
+            ctx,
+            pipeline_id,
+            result.last_position,
+            status=200 if result.duplicate else 201,
+            headers={"Location": f"/api/v1/pipelines/{pipeline_id}"},
+        )
     raise Conflict("the pipeline changed too often while submitting; retry", code="version_conflict")
-
-
-async def _answer_new(ctx: ApiContext, stream: str, pipeline_id: str, headers: dict[str, str]) -> Response[PipelineOut]:
-    """A new pipeline's view straight from its one stored event (the projector's pure `evolve`): no wait
-    for the projector, whose catch-up serialised every submit behind it. A GET that races the
-    projector catches it up instead (`get_pipeline`)."""
-    async with guarded():
-        stored = await ctx.store.read_stream(stream, limit=1)
-    view = evolve(None, stored[0]) if stored else None
-    if view is None:
-        raise NotFound(f"no pipeline {pipeline_id}", pipeline_id=pipeline_id)
-    return Response(pipeline_out(view), status_code=201, headers=headers)
 
 
 def _metadata(principal: Principal) -> Metadata:
