@@ -206,3 +206,18 @@ async def metric_points(js: JetStreamContext, attempt: str) -> list[tuple[int, s
         if isinstance(batch, MetricBatch) and batch.attempt == attempt:
             points += [(p.step, p.key, p.value) for p in batch.points]
     return points
+
+
+async def push_dataset(tmp_path: Path, js: JetStreamContext, name: str, data: bytes) -> str:
+    """What the API does on upload (its own adapter): the blob under its sha256 and the name pointer."""
+    from verlyard_api.adapters.dataset_store import DatasetStore
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield data
+
+    store = DatasetStore(tmp_path / "api-datasets", js=js)
+    await asyncio.to_thread((tmp_path / "api-datasets").mkdir)
+    received = await store.receive(chunks(), limit=1 << 20)
+    await store.commit(received)
+    await store.publish(sha256=received.sha256, name=name, dataset_id="d1", size_bytes=received.size_bytes)
+    return received.sha256

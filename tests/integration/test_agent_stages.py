@@ -18,6 +18,7 @@ from tests.integration.agent_support import (
     finished,
     log_lines,
     metric_points,
+    push_dataset,
     reports,
     run_stage,
     running_agent,
@@ -173,26 +174,11 @@ async def test_stage_timeout_is_enforced_locally(tmp_path: Path, nats_server: Em
     assert (end.outcome, end.failure_class) == ("failed", "timeout")
 
 
-async def _push_dataset(tmp_path: Path, js: JetStreamContext, name: str, data: bytes) -> str:
-    """What the API does on upload (its own adapter): the blob under its sha256 and the name pointer."""
-    from verlyard_api.adapters.dataset_store import DatasetStore
-
-    async def chunks():
-        yield data
-
-    store = DatasetStore(tmp_path / "api-datasets", js=js)
-    await asyncio.to_thread((tmp_path / "api-datasets").mkdir)
-    received = await store.receive(chunks(), limit=1 << 20)
-    await store.commit(received)
-    await store.publish(sha256=received.sha256, name=name, dataset_id="d1", size_bytes=received.size_bytes)
-    return received.sha256
-
-
 async def test_preprocess_fetches_a_pushed_dataset_this_host_does_not_have_from_the_object_store(
     tmp_path: Path, nats_server: EmbeddedNats, js: JetStreamContext
 ):
     rows = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(10))
-    sha = await _push_dataset(tmp_path, js, "remote-sales", rows.encode())
+    sha = await push_dataset(tmp_path, js, "remote-sales", rows.encode())
     async with running_agent(agent_config(tmp_path, nats_server)) as agent:
         command = run_stage(agent.agent_id, "preprocess", {"dataset": "remote-sales", "val_fraction": 0.2})
         await send(js, command)

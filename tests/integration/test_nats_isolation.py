@@ -14,7 +14,6 @@ embedded stack and `verlyard nats config` render), with bcrypt-hashed agent pass
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +34,7 @@ from tests.integration.agent_support import (
     kinds,
     log_lines,
     metric_points,
+    push_dataset,
     reports,
     run_stage,
     running_agent,
@@ -133,25 +133,11 @@ async def refused(errors: list[Exception], action: Callable[[], Awaitable[Any]],
     await eventually(seen, timeout=5)
 
 
-async def _push_dataset(tmp_path: Path, js: JetStreamContext, name: str, data: bytes) -> str:
-    from verlyard_api.adapters.dataset_store import DatasetStore
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield data
-
-    store = DatasetStore(tmp_path / "api-datasets", js=js)
-    await asyncio.to_thread((tmp_path / "api-datasets").mkdir)
-    received = await store.receive(chunks(), limit=1 << 20)
-    await store.commit(received)
-    await store.publish(sha256=received.sha256, name=name, dataset_id="d1", size_bytes=received.size_bytes)
-    return received.sha256
-
-
 async def test_agent_works_end_to_end_as_its_restricted_user(
     tmp_path: Path, secured: Secured, admin: JetStreamContext
 ) -> None:
     rows = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(5))
-    sha = await _push_dataset(tmp_path, admin, "isolated-rows", rows.encode())
+    sha = await push_dataset(tmp_path, admin, "isolated-rows", rows.encode())
     creds = secured.creds[A]
     config = agent_config(tmp_path, secured.server, A, nats_user=creds.user, nats_password=creds.password)
     async with running_agent(config) as agent:  # created its own durable through the filtered subject

@@ -293,10 +293,6 @@ async def list_pipelines(
 )
 async def get_pipeline(ctx: Ctx, pipeline_id: FromPath[str]) -> PipelineOut:
     view = await _view(ctx, pipeline_id)
-    if view is None:  # maybe just submitted (read-your-writes): project up to the log's end, look again
-        async with guarded():
-            await ctx.projector.catch_up()
-        view = await _view(ctx, pipeline_id)
     if view is None:
         raise NotFound(f"no pipeline {pipeline_id}", pipeline_id=pipeline_id)
     return pipeline_out(view)
