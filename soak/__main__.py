@@ -109,9 +109,24 @@ def _machine() -> dict[str, Any]:
 
 
 async def run_scenario(
-    scenario: Scenario, *, pipelines: int, faults: int, seed: int, quick: bool, settle_s: float, keep: bool = False
+    scenario: Scenario,
+    *,
+    pipelines: int,
+    faults: int,
+    seed: int,
+    quick: bool,
+    settle_s: float,
+    keep: bool = False,
+    slots: int | None = None,
 ) -> tuple[Verdict, list[Bar], dict[str, Any]]:
-    stack = SoakStack(StackConfig(netns_agents=scenario.netns_agents))
+    stack = SoakStack(
+        StackConfig(
+            slots=slots or scenario.slots,
+            netns_agents=scenario.netns_agents,
+            proxy_agent=scenario.proxy_agent,
+            proxy_scheduler_db=scenario.proxy_scheduler_db,
+        )
+    )
     t0 = time.monotonic()
     run: Run | None = None
     try:
@@ -121,7 +136,7 @@ async def run_scenario(
             run = Run(stack, load_, random.Random(seed), faults, quick)
             stop = asyncio.Event()
             prober = asyncio.create_task(_probe_loop(load_, scenario.probe_every_s, stop))
-            spread = max(10.0, 4.0 * faults) if faults else 10.0
+            spread = max(10.0, scenario.seconds_per_fault * faults) if faults else 10.0
             submitter = asyncio.create_task(_submit_all(run, scenario, pipelines, spread))
             await scenario.inject(run)
             faults_done_s = time.monotonic() - t0
@@ -137,6 +152,8 @@ async def run_scenario(
         if scenario.name in ("T2", "T6"):
             run.extra["published"], run.extra["relay_lag_p99_ms"] = await _published(stack, events, load_.faults)
         verdict = check(events, load_.submissions, model, load_.faults, load_.probes)
+        if stack.proxies:
+            run.extra["proxies"] = {name: p.stats().__dict__ for name, p in stack.proxies.items()}
         bars = scenario.bars(run, verdict)
         info = {
             "stack_start_s": round(started_s, 1),
@@ -146,7 +163,11 @@ async def run_scenario(
             "faults": [f.__dict__ for f in load_.faults],
             "submit_latency_s": summary([p.latency_s for p in load_.probes if p.status in (200, 201)]),
             "restarts": {name: s.starts - 1 for name, s in stack.services.items()},
+            "slots_per_agent": stack.config.slots,
+            "agents": stack.config.agents,
         }
+        if stack.proxies:
+            info["proxies"] = run.extra["proxies"]
         if not settled:
             run.notes.append(f"not every pipeline ended within {settle_s} s of the last submission")
         info["notes"] = run.notes
@@ -189,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default="", help=f"comma-separated, default all: {','.join(SCENARIOS)}")
     parser.add_argument("--pipelines", type=int, default=None, help="pipelines per scenario (default 30, quick 8)")
     parser.add_argument("--faults", type=int, default=None, help="faults per scenario (default: the T-table's)")
+    parser.add_argument("--slots", type=int, default=None, help="CPU slots per agent (default: the scenario's)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer pipelines and faults")
     parser.add_argument("--settle", type=float, default=240.0, help="seconds to wait for pipelines to end")
@@ -210,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         faults = args.faults if args.faults is not None else scenario.default_faults
         if args.quick and args.faults is None:
             faults = min(faults, 3)
-        params = {"pipelines": pipelines, "faults": faults, "seed": seed, "quick": args.quick}
+        slots = args.slots or scenario.slots
+        params = {"pipelines": pipelines, "faults": faults, "seed": seed, "quick": args.quick, "slots": slots}
         print(f"soak {name}: {scenario.title} ({params})", flush=True)
         verdict, bars, info = asyncio.run(
             run_scenario(
@@ -221,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 quick=args.quick,
                 settle_s=args.settle,
                 keep=args.keep,
+                slots=slots,
             )
         )
         print(render(name, verdict))

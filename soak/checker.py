@@ -497,7 +497,11 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
       or `stage.failed` of class lost when the restarted agent reports it), `replaced_s` (that loss to
       the stage's next `stage.placed`, the stage's own retry backoff included) and
       `replaced_after_backoff_s` (from the later of the loss and the backoff's `not_before`: what the
-      scheduler itself adds, waiting for a free slot included).
+      scheduler itself adds, waiting for a free slot included), `replaced_after_slot_s` (from the
+      later of that and the first moment some live agent had a free CPU slot, by the log: the
+      scheduler's decision alone) and `waited_for_slot` (one 1.0 per replacement that found every
+      live agent full at `not_before`, so a slow `replaced_after_backoff_s` can be told from a queue),
+      and `agent_report_s` (`back_at` to the first report of an attempt on that agent: its link moves).
     """
     ordered = sorted(events, key=lambda e: e.position)
     sched = sorted(e.recorded_at for e in ordered if e.actor == "scheduler")
@@ -511,6 +515,11 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
         for e in ordered
         if e.type == "attempt.lost" or (e.type == "stage.failed" and e.data.get("failure_class") == "lost")
     ]
+    by_agent: dict[str, list[float]] = defaultdict(list)
+    for e in ordered:
+        if e.type in REPORT_EVENTS and str(e.data.get("attempt")) in placed_on:
+            by_agent[placed_on[str(e.data.get("attempt"))]].append(e.recorded_at)
+    free = _free_slot_timeline(ordered)
     for fault in faults:
         start = fault.back_at if fault.back_at is not None else fault.at
         nxt = _first_after(sched, start)
@@ -520,6 +529,9 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
         if nxt is not None:
             measures[fault.kind]["first_report_event_s"].append(nxt - start)
         if fault.kind.startswith("agent"):
+            nxt = _first_after(by_agent[fault.target], start)
+            if nxt is not None:
+                measures[fault.kind]["agent_report_s"].append(nxt - start)
             later = [f.at for f in faults if f.target == fault.target and f.at > fault.at]
             until = min(later, default=fault.at + 120.0)
             for lost in losses:
@@ -541,8 +553,58 @@ def recovery_times(events: Iterable[Event], faults: Sequence[Fault]) -> dict[str
                         measures[fault.kind]["replaced_after_backoff_s"].append(
                             max(0.0, placed.recorded_at - not_before)
                         )
+                        slot_at = _free_from(free, not_before)
+                        measures[fault.kind]["waited_for_slot"].append(1.0 if slot_at > not_before else 0.0)
+                        measures[fault.kind]["replaced_after_slot_s"].append(
+                            max(0.0, placed.recorded_at - min(slot_at, placed.recorded_at))
+                        )
                         break
-    return {f"{kind}.{name}": summary(values) for kind, by_name in measures.items() for name, values in by_name.items()}
+    return {
+        f"{kind}.{name}": {"n": len(values), "waited": int(sum(values))}
+        if name == "waited_for_slot"
+        else summary(values)
+        for kind, by_name in measures.items()
+        for name, values in by_name.items()
+    }
+
+
+def _free_slot_timeline(ordered: Sequence[Event]) -> list[tuple[float, bool]]:
+    """After each event, whether some live agent had a free CPU slot (capacity from the latest
+    `agent.registered`, occupancy = its placed attempts not yet ended; `agent.lost` and
+    `agent.deregistered` take an agent out). Soak stages are CPU stages, one slot each."""
+    capacity: dict[str, int] = {}
+    live: set[str] = set()
+    running: dict[str, set[str]] = defaultdict(set)
+    where: dict[str, str] = {}
+    out: list[tuple[float, bool]] = []
+    for e in ordered:
+        agent = str(e.data.get("agent", ""))
+        aid = str(e.data.get("attempt", ""))
+        if e.type == "agent.registered":
+            capacity[agent] = int(e.data.get("cpu_slots", 1))
+            live.add(agent)
+        elif e.type in ("agent.lost", "agent.deregistered"):
+            live.discard(agent)
+        elif e.type == "stage.placed":
+            running[agent].add(aid)
+            where[aid] = agent
+        elif (e.type in ATTEMPT_END or e.type == "stage.cancelled") and aid in where:
+            running[where.pop(aid)].discard(aid)
+        out.append((e.recorded_at, any(len(running[a]) < capacity.get(a, 0) for a in live)))
+    return out
+
+
+def _free_from(timeline: Sequence[tuple[float, bool]], t: float) -> float:
+    """The first moment at or after `t` some live agent had a free slot (`t` when the log says nothing)."""
+    state = True
+    for at, free in timeline:
+        if at > t:
+            if state:
+                return t
+            if free:
+                return at
+        state = free
+    return t
 
 
 def summarise_probes(

@@ -27,6 +27,7 @@ from typing import IO, Any
 import httpx
 
 from soak.checker import Fault, Probe, Submission
+from soak.proxy import ProxyThread
 from verlyard_shared.embedded.nats import EmbeddedNats
 from verlyard_shared.embedded.ports import free_port
 from verlyard_shared.embedded.postgres import EmbeddedPostgres
@@ -186,6 +187,10 @@ class StackConfig:
     heartbeat_s: float = 1.0
     netns_agents: int = 0
     """How many of the agents (the last ones) run in their own network namespace (T7N's partition)."""
+    proxy_agent: bool = False
+    """The last agent reaches nats-server through a fault proxy (`SoakStack.proxies["agent"]`)."""
+    proxy_scheduler_db: bool = False
+    """The scheduler reaches Postgres through a fault proxy (`SoakStack.proxies["scheduler_db"]`)."""
 
 
 class SoakStack:
@@ -208,6 +213,7 @@ class SoakStack:
         )
         self.api_port = free_port()
         self.services: dict[str, Service] = {}
+        self.proxies: dict[str, ProxyThread] = {}
         self.token = ""
 
     @property
@@ -232,6 +238,14 @@ class SoakStack:
         self.postgres.start()
         self.nats.start()
         asyncio.run(self._prepare())
+        # Proxies sit in front of the real ports, so a restarted nats-server or Postgres (same port) is
+        # reached through them again.
+        if self.config.proxy_agent:
+            self.proxies["agent"] = ProxyThread("127.0.0.1", self.nats.port)
+        if self.config.proxy_scheduler_db:
+            self.proxies["scheduler_db"] = ProxyThread("127.0.0.1", self.postgres.port)
+        for proxy in self.proxies.values():
+            proxy.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("VERLYARD_")} | {
             "VERLYARD_HOME": str(self.home),
             "VERLYARD_DATABASE_URL": self.postgres.url,
@@ -249,8 +263,14 @@ class SoakStack:
         py = sys.executable
         logs = self.home / "logs"
         self.services["api"] = Service("api", [py, "-m", "verlyard_shared.cli", "api"], env, logs / "api.log")
+        scheduler_env = env
+        if "scheduler_db" in self.proxies:
+            port = self.proxies["scheduler_db"].port
+            scheduler_env = env | {
+                "VERLYARD_DATABASE_URL": self.postgres.url.replace(f":{self.postgres.port}/", f":{port}/")
+            }
         self.services["scheduler"] = Service(
-            "scheduler", [py, "-m", "verlyard_shared.cli", "scheduler"], env, logs / "scheduler.log"
+            "scheduler", [py, "-m", "verlyard_shared.cli", "scheduler"], scheduler_env, logs / "scheduler.log"
         )
         ids = self.agent_ids()
         for i, agent in enumerate(ids):
@@ -262,6 +282,8 @@ class SoakStack:
                 ns = self.netns[ns_index]
                 argv = ns.wrap(argv)
                 agent_env = env | {"VERLYARD_NATS_URL": f"nats://{ns.host_ip}:{self.nats.port}"}
+            elif i == len(ids) - 1 and "agent" in self.proxies:
+                agent_env = env | {"VERLYARD_NATS_URL": f"nats://127.0.0.1:{self.proxies['agent'].port}"}
             self.services[agent] = Service(agent, argv, agent_env, logs / f"{agent}.log")
         for service in self.services.values():
             service.start()
@@ -314,6 +336,9 @@ class SoakStack:
         for service in reversed(list(self.services.values())):
             with contextlib.suppress(Exception):
                 service.close()
+        for proxy in self.proxies.values():
+            with contextlib.suppress(Exception):
+                proxy.close()
         with contextlib.suppress(Exception):
             self.nats.stop()
         with contextlib.suppress(Exception):

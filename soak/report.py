@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).parent / "results"
-ORDER = ["T1", "T2", "T6", "T7", "T7N", "T8", "T14", "T15", "MIX"]
+ORDER = ["T1", "T2", "T6", "T7", "T7N", "T7P", "T8", "T14", "T15", "MIX"]
 
 
 def _load() -> list[dict[str, Any]]:

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from soak.checker import Event, Fault, Verdict
+from soak.checker import REPORT_EVENTS, Event, Fault, Verdict
 from soak.harness import Load, SoakStack
+from soak.proxy import Mode
 
 
 @dataclass
@@ -55,6 +56,13 @@ class Scenario:
     probe_every_s: float = 0.5
     netns_agents: int = 0
     """Agents run in their own network namespace (the last ones)."""
+    slots: int = 4
+    """CPU slots per agent. T7/T7N give every agent room for the whole load, so "a new attempt within
+    2 s" measures the scheduler's decision, not a queue behind a full cluster (docs/reliability.md)."""
+    proxy_agent: bool = False
+    proxy_scheduler_db: bool = False
+    seconds_per_fault: float = 4.0
+    """Roughly how long one fault takes to inject: pipelines are submitted over faults x this."""
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -248,11 +256,39 @@ def bars_t7(run: Run, verdict: Verdict) -> list[Bar]:
         _bar_max(
             verdict, "agent_kill.replaced_s", 60.0, "new attempt placed after the loss (backoff included)", "(reported)"
         ),
+        *_slot_bars(verdict, "agent_kill"),
+        _resume_bar(verdict),
+    ]
+
+
+def _resume_bar(verdict: Verdict) -> Bar:
+    """Every retry placed after a checkpoint resumes from the latest one (a mismatch is also an
+    `unexpected` anomaly, which fails the run); at least one retry must have had a checkpoint."""
+    return Bar(
+        "retries resume from the latest checkpoint",
+        "all",
+        f"{verdict.resumed_from_checkpoint} resumed, {verdict.resume_mismatches} mismatched",
+        verdict.resume_mismatches == 0 and verdict.resumed_from_checkpoint > 0,
+    )
+
+
+def _slot_bars(verdict: Verdict, kind: str) -> list[Bar]:
+    """How many replacements found every live agent full (by the log), and the time once a slot was free:
+    reported beside the bar so a slow placement can be told from a queue behind a full cluster."""
+    waited = verdict.recovery.get(f"{kind}.waited_for_slot", {})
+    return [
         Bar(
-            "retries resume from the latest checkpoint",
-            "all",
-            f"{verdict.resumed_from_checkpoint} resumed, {verdict.resume_mismatches} mismatched",
-            verdict.resume_mismatches == 0 and verdict.resumed_from_checkpoint > 0,
+            "replacements that found every live agent's slots full",
+            "(reported)",
+            f"{waited.get('waited', 0)} of {waited.get('n', 0)}",
+            None,
+        ),
+        _bar_max(
+            verdict,
+            f"{kind}.replaced_after_slot_s",
+            60.0,
+            "new attempt placed after the loss, once a slot was free",
+            "(reported)",
         ),
     ]
 
@@ -314,6 +350,8 @@ def bars_t7n(run: Run, verdict: Verdict) -> list[Bar]:
             "new attempt placed after the loss (after the stage's retry backoff)",
             "< 2 s",
         ),
+        *_slot_bars(verdict, "agent_partition"),
+        _resume_bar(verdict),
         Bar(
             "stale reports after the heal rejected (audited), none applied",
             "all",
@@ -327,6 +365,192 @@ def bars_t7n(run: Run, verdict: Verdict) -> list[Bar]:
             bool(rejoin) and max(rejoin) < 10.0,
         ),
     ]
+
+
+# ---- T7P: delay, drop and reset of an agent's NATS link and the scheduler's Postgres link ----------------
+
+SHORT_LINK_FAULTS = ("agent_link_delay", "agent_link_drop", "agent_link_reset")
+
+
+async def _link_phase(
+    run: Run, link: str, kind: str, target: str, mode: Mode, *, hold_s: float, delay_ms: float = 0.0
+) -> float:
+    """Switch the proxy `link` to `mode` for `hold_s`, back to pass, record the fault; returns back_at."""
+    proxy = run.stack.proxies[link]
+    at = time.time()
+    await asyncio.to_thread(proxy.set_mode, mode, delay_ms)
+    await asyncio.sleep(hold_s)
+    await asyncio.to_thread(proxy.set_mode, "pass")
+    back = time.time()
+    run.fault(kind, target, at, back)
+    run.extra.setdefault("phases", []).append(
+        {"link": link, "kind": kind, "mode": mode, "delay_ms": delay_ms, "held_s": round(back - at, 2)}
+    )
+    return back
+
+
+async def _until_busy(run: Run, agent: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and await _busy_agent(run, among={agent}) is None:
+        await asyncio.sleep(0.5)
+
+
+async def inject_t7p(run: Run) -> None:
+    """Per cycle, on the last agent's NATS link: 200 ms then 1000 ms of delay per chunk, a blackhole
+    shorter than the lease, a reset of its connections (none of these may cost an attempt), then a
+    blackhole past the lease (its attempts are lost and re-placed, its late reports rejected). Then on
+    the scheduler's Postgres link: 100 ms of delay, a 5 s blackhole and a reset."""
+    agent = run.stack.agent_ids()[-1]
+    lease = run.stack.config.lease_s
+    rejoin: list[float] = []
+    scheduler_restarts: list[float] = []
+    for _ in range(max(1, run.faults)):
+        await _until_busy(run, agent)
+        await _link_phase(run, "agent", "agent_link_delay", agent, "delay", hold_s=8.0, delay_ms=200)
+        await _link_phase(run, "agent", "agent_link_delay", agent, "delay", hold_s=8.0, delay_ms=1000)
+        await _link_phase(run, "agent", "agent_link_drop", agent, "drop", hold_s=lease / 3)
+        await _link_phase(run, "agent", "agent_link_reset", agent, "reset", hold_s=0.5)
+        # Let any loss a short phase caused show up before the long blackout (the lease), so the
+        # checker attributes it to the phase that caused it.
+        await asyncio.sleep(lease + 2.0)
+        await _until_busy(run, agent)
+        healed = await _link_phase(run, "agent", "agent_link_blackout", agent, "drop", hold_s=lease + 5.0)
+        while time.time() - healed < 60 and not await _agent_active(run, agent):
+            await asyncio.sleep(0.25)
+        rejoin.append(time.time() - healed)
+        if "scheduler_db" in run.stack.proxies:
+            await _link_phase(run, "scheduler_db", "db_link_delay", "scheduler", "delay", hold_s=8.0, delay_ms=100)
+            await _link_phase(run, "scheduler_db", "db_link_drop", "scheduler", "drop", hold_s=5.0)
+            await _link_phase(run, "scheduler_db", "db_link_reset", "scheduler", "reset", hold_s=0.5)
+            await asyncio.sleep(3.0)
+            scheduler = run.stack.services["scheduler"]
+            if not scheduler.alive():
+                # The scheduler is meant to ride out a broken Postgres link (it reconnects, or a standby
+                # takes over); if it exited, say so and bring it back so the run can still be checked.
+                scheduler_restarts.append(time.time())
+                run.notes.append("the scheduler exited after a Postgres link fault and was restarted")
+                scheduler.start()
+    run.extra["rejoin_s"] = rejoin
+    run.extra["scheduler_restarts"] = scheduler_restarts
+
+
+def _reports_during(run: Run, kind: str) -> list[int]:
+    """Per fault of `kind`: how many report-derived events of attempts on its target agent were
+    recorded while it lasted (a slow link must still carry the agent's reports)."""
+    placed_on = {str(e.data.get("attempt")): str(e.data.get("agent")) for e in run.events if e.type == "stage.placed"}
+    out: list[int] = []
+    for fault in run.load.faults:
+        if fault.kind != kind:
+            continue
+        end = fault.back_at if fault.back_at is not None else fault.at
+        out.append(
+            sum(
+                1
+                for e in run.events
+                if e.type in REPORT_EVENTS
+                and fault.at <= e.recorded_at <= end
+                and placed_on.get(str(e.data.get("attempt"))) == fault.target
+            )
+        )
+    return out
+
+
+def bars_t7p(run: Run, verdict: Verdict) -> list[Bar]:
+    lease = run.stack.config.lease_s
+    rejoin: list[float] = run.extra.get("rejoin_s", [])
+    short_losses = sum(int(verdict.recovery.get(f"{k}.lost_detected_s", {}).get("n", 0)) for k in SHORT_LINK_FAULTS)
+    proxies: dict[str, Any] = run.extra.get("proxies", {})
+    agent_link = proxies.get("agent", {})
+    during = _reports_during(run, "agent_link_delay")
+    bars = [
+        *_common(verdict),
+        Bar(
+            "traffic through the agent's link proxy",
+            "> 0 bytes both ways",
+            f"{agent_link.get('bytes_up', 0)} up, {agent_link.get('bytes_down', 0)} down, "
+            f"{agent_link.get('accepted', 0)} connections, {agent_link.get('reset', 0)} reset",
+            agent_link.get("bytes_up", 0) > 0 and agent_link.get("bytes_down", 0) > 0,
+        ),
+        Bar(
+            "attempts lost in delay, short-drop and reset phases (all shorter than the lease)",
+            "0",
+            str(short_losses),
+            short_losses == 0,
+        ),
+        Bar(
+            "agent's reports recorded while its link was delayed (200 ms, 1000 ms per chunk)",
+            "> 0 in each phase",
+            str(during) if during else "no delay phase",
+            bool(during) and min(during) > 0,
+        ),
+        _bar_max(
+            verdict,
+            "agent_link_drop.agent_report_s",
+            5.0,
+            "agent's reports recorded again after a short blackhole",
+            "< 5 s",
+        ),
+        _bar_max(
+            verdict,
+            "agent_link_reset.agent_report_s",
+            5.0,
+            "agent's reports recorded again after its connections were reset",
+            "< 5 s (as T2's consumers)",
+        ),
+        _bar_max(
+            verdict,
+            "agent_link_blackout.lost_detected_s",
+            lease + 2.0,
+            "blackholed agent's attempts declared lost",
+            f"< lease + 2 s ({lease + 2:.0f} s)",
+        ),
+        _bar_max(
+            verdict,
+            "agent_link_blackout.replaced_after_backoff_s",
+            2.0,
+            "new attempt placed after the loss (after the stage's retry backoff)",
+            "< 2 s",
+        ),
+        *_slot_bars(verdict, "agent_link_blackout"),
+        _resume_bar(verdict),
+        Bar(
+            "stale reports after the blackout rejected (audited), none applied",
+            "all",
+            f"{verdict.stale_rejected} rejected {verdict.rejected_reasons}; unexpected {verdict.unexpected}",
+            verdict.unexpected == 0,
+        ),
+        Bar(
+            "agent active again after the blackout",
+            "< 10 s",
+            f"max {max(rejoin):.2f} s" if rejoin else "not observed",
+            bool(rejoin) and max(rejoin) < 10.0,
+        ),
+    ]
+    if "scheduler_db" in proxies:
+        restarts = run.extra.get("scheduler_restarts", [])
+        bars += [
+            _bar_max(
+                verdict,
+                "db_link_drop.first_scheduler_event_s",
+                3.0,
+                "first scheduler event after its Postgres link is back (blackhole)",
+                "< 3 s (T14's bar for the API)",
+            ),
+            _bar_max(
+                verdict,
+                "db_link_reset.first_scheduler_event_s",
+                3.0,
+                "first scheduler event after its Postgres connections were reset",
+                "< 3 s (T14's bar for the API)",
+            ),
+            Bar(
+                "scheduler survived its Postgres link faults",
+                "no restart needed",
+                f"{len(restarts)} restarts",
+                not restarts,
+            ),
+        ]
+    return bars
 
 
 # ---- T8: SIGSTOP an agent past its lease, then SIGCONT ---------------------------------------------------
@@ -502,7 +726,7 @@ SCENARIOS: dict[str, Scenario] = {
         "T2", "nats-server kill -9 (sync_interval: always), restarted", inject_t2, bars_t2, default_faults=20
     ),
     "T6": Scenario("T6", "relay crashes (api+relay kill -9) and NATS kills", inject_t6, bars_t6, default_faults=15),
-    "T7": Scenario("T7", "agent kill -9 mid-stage, restarted", inject_t7, bars_t7, default_faults=6),
+    "T7": Scenario("T7", "agent kill -9 mid-stage, restarted", inject_t7, bars_t7, default_faults=6, slots=24),
     "T7N": Scenario(
         "T7N",
         "network partition of an agent's host (netns + veth, link down) past its lease, then healed",
@@ -510,6 +734,19 @@ SCENARIOS: dict[str, Scenario] = {
         bars_t7n,
         default_faults=3,
         netns_agents=1,
+        slots=24,
+        seconds_per_fault=30.0,
+    ),
+    "T7P": Scenario(
+        "T7P",
+        "fault proxy: delay, blackhole and reset of an agent's NATS link and the scheduler's Postgres link",
+        inject_t7p,
+        bars_t7p,
+        default_faults=1,
+        slots=24,
+        proxy_agent=True,
+        proxy_scheduler_db=True,
+        seconds_per_fault=90.0,
     ),
     "T8": Scenario("T8", "SIGSTOP an agent past its lease, then SIGCONT", inject_t8, bars_t8, default_faults=3),
     "T14": Scenario(

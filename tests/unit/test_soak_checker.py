@@ -33,7 +33,7 @@ class History:
             position=n,
             event_id=f"e{n}",
             stream_id=SID,
-            version=n,
+            version=sum(1 for e in self.events if e.stream_id == SID) + 1,
             type=type_,
             data={"type": type_, "pipeline_id": PID, **data},
             actor=actor,
@@ -278,6 +278,64 @@ def test_replacement_time_after_the_retry_backoff() -> None:
     assert verdict.ok, render("backoff", verdict)
     assert verdict.recovery["agent_kill.replaced_s"]["max"] == pytest.approx(1.8, abs=0.01)
     assert verdict.recovery["agent_kill.replaced_after_backoff_s"]["max"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_a_replacement_that_waited_for_a_free_slot_is_told_apart() -> None:
+    """Every live agent full at `not_before`: the wait for a slot shows as `waited_for_slot` and
+    `replaced_after_slot_s` (the decision once a slot freed); `agent_report_s` times an agent's link."""
+    h = History()
+    versions = {"a1": 0, "a2": 0}
+
+    def agent_event(type_: str, agent: str, **data: Any) -> None:
+        versions[agent] += 1
+        h.t += 0.1
+        n = len(h.events) + 1
+        body = {"type": type_, "agent": agent, **data}
+        h.events.append(Event(n, f"e{n}", f"agent-{agent}", versions[agent], type_, body, "scheduler", h.t))
+
+    agent_event("agent.registered", "a1", hostname="h", cpu_slots=1)
+    agent_event("agent.registered", "a2", hostname="h", cpu_slots=1)
+    spec = {"name": "soak", "stages": {s: {"kind": "noop", "needs": [], "when": "on_success"} for s in ("a", "c")}}
+    h.add("pipeline.submitted", actor="api", spec=spec)
+    h.add("stage.placed", stage="a", attempt="a-1", attempt_number=1, agent="a1", resume_from_step=None)
+    h.add("attempt.started", stage="a", attempt="a-1", agent="a1")
+    h.add("stage.placed", stage="c", attempt="c-1", attempt_number=1, agent="a2", resume_from_step=None)
+    h.add("attempt.started", stage="c", attempt="c-1", agent="a2")
+    h.add("attempt.lost", stage="a", attempt="a-1", agent="a1", reason="lease expired")
+    lost_at = h.t
+    agent_event("agent.lost", "a1", reason="lease expired")
+    not_before = datetime.fromtimestamp(lost_at + 0.5, UTC).isoformat()
+    h.add("stage.retry_scheduled", stage="a", attempt="a-1", next_attempt_number=2, not_before=not_before)
+    h.t = lost_at + 1.9
+    h.add("stage.succeeded", stage="c", attempt="c-1")  # a2's only slot frees at lost + 2.0
+    h.t = lost_at + 2.2
+    h.add("stage.placed", stage="a", attempt="a-2", attempt_number=2, agent="a2", resume_from_step=None)
+    h.add("stage.succeeded", stage="a", attempt="a-2")
+    h.add("pipeline.succeeded")
+    faults = [
+        Fault("agent_kill", "a1", at=lost_at - 1, back_at=lost_at - 0.5),
+        Fault("agent_link_delay", "a2", at=lost_at - 1, back_at=lost_at + 1.5),
+    ]
+    verdict = check(h.events, submitted(), None, faults)
+    assert verdict.ok, render("slots", verdict)
+    rec = verdict.recovery
+    assert rec["agent_kill.replaced_after_backoff_s"]["max"] == pytest.approx(1.8, abs=0.01)
+    assert rec["agent_kill.replaced_after_slot_s"]["max"] == pytest.approx(0.3, abs=0.01)
+    assert rec["agent_kill.waited_for_slot"] == {"n": 1, "waited": 1}
+    assert rec["agent_link_delay.agent_report_s"]["max"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_replacement_with_a_free_slot_did_not_wait() -> None:
+    h = History()
+    spec = {"name": "soak", "stages": {"a": {"kind": "noop", "needs": [], "when": "on_success"}}}
+    h.add("pipeline.submitted", actor="api", spec=spec)
+    h.run("a", "a-1", end="lost")
+    h.run("a", "a-2", agent="a2", resume=1)
+    h.add("pipeline.succeeded")
+    verdict = check(h.events, submitted(), None, [Fault("agent_kill", "a1", at=h.events[0].recorded_at)])
+    assert verdict.recovery["agent_kill.waited_for_slot"] == {"n": 1, "waited": 0}
+    after_slot = verdict.recovery["agent_kill.replaced_after_slot_s"]["max"]
+    assert after_slot == verdict.recovery["agent_kill.replaced_after_backoff_s"]["max"]
 
 
 def _fixture_events(path: Path) -> list[Event]:
