@@ -138,3 +138,65 @@ async def test_concurrent_projectors_apply_each_event_once(api: ApiEnv, pg_pool:
     assert await pg_pool.fetchval("SELECT position FROM tracking WHERE consumer = $1", CONSUMER) == head
     assert (await verify(api))["ok"] is True
     assert await pg_pool.fetchval("SELECT count(*) FROM attempts") == 3
+
+
+async def _place(api: ApiEnv, pid: str, stage: str, attempt: str) -> None:
+    await api.ctx.store.append(
+        pipeline_stream(pid),
+        ANY,
+        [
+            NewEvent(
+                event_id=new_id(),
+                event=StagePlaced(pipeline_id=pid, stage=stage, attempt=attempt, attempt_number=1, agent="g"),
+            )
+        ],
+        Metadata(actor="scheduler", correlation_id="c"),
+    )
+
+
+async def test_view_cache_drops_what_another_process_projected(api: ApiEnv, pg_pool: asyncpg.Pool) -> None:
+    """Two API processes: B projects a change to a pipeline A has cached; A's next step drops it, so A
+    neither answers from nor diffs against the old view (docs/adr/0018-pipeline-view-cache.md)."""
+    pid = (await api.submit())["id"]
+    a, b = PgProjector(pg_pool), PgProjector(pg_pool)
+    await a.catch_up()
+    cached = await a.view(pid)
+    assert cached is not None and cached.status == "pending"
+    assert a.views.peek(pid) is cached  # A's own read was offered and kept
+
+    await _place(api, pid, "prep", f"{pid}-prep")
+    await b.catch_up()  # the other process projects the placement
+    assert (await b.view(pid)).status == "running"  # type: ignore[union-attr]
+    await a.catch_up()  # A sees the tracking row moved past it: it forgets what changed there
+    assert a.views.peek(pid) is None
+    assert (await a.view(pid)).status == "running"  # type: ignore[union-attr]
+
+    # A projects the next event for that pipeline from the right `before`: the rows stay exact.
+    await _place(api, pid, "train", f"{pid}-train")
+    await a.catch_up()
+    view = a.views.peek(pid)
+    assert view is not None and view.stages["train"].status == "running"
+    assert (await verify(api))["ok"] is True
+
+
+async def test_view_cache_refuses_a_read_that_raced_a_projection(api: ApiEnv, pg_pool: asyncpg.Pool) -> None:
+    pid = (await api.submit())["id"]
+    projector = PgProjector(pg_pool)
+    await projector.catch_up()
+    stamp = projector.views.stamp()
+    old = await api.ctx.projector.view(pid)
+    assert old is not None
+    await _place(api, pid, "prep", f"{pid}-prep")
+    await projector.catch_up()  # commits and puts the newer view
+    assert projector.views.offer(old, stamp) is False
+    assert projector.views.peek(pid) is not None and projector.views.peek(pid).status == "running"  # type: ignore[union-attr]
+
+
+async def test_get_answers_the_projected_view_after_a_rebuild(api: ApiEnv, pg_pool: asyncpg.Pool) -> None:
+    pid = (await api.submit())["id"]
+    assert (await api.client.get(f"/api/v1/pipelines/{pid}", headers=api.auth())).json()["name"] == "sales-sft"
+    await pg_pool.execute("UPDATE pipelines SET name = 'renamed' WHERE id = $1", pid)
+    rebuilt = await api.client.post("/api/v1/admin/replay", headers=api.auth("admin"))
+    assert rebuilt.status_code == 200
+    assert api.ctx.projector.views.peek(pid) is None  # cleared with the rebuild
+    assert (await api.client.get(f"/api/v1/pipelines/{pid}", headers=api.auth())).json()["name"] == "sales-sft"

@@ -126,7 +126,16 @@ async def serve(settings: Settings) -> None:
     stop_on_signals(stop)
     deps = ApiDeps()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(deps), host=settings.api_host, port=settings.api_port, log_config=None, lifespan="on")
+        uvicorn.Config(
+            create_app(deps),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_config=None,
+            lifespan="on",
+            # verlyard's own `http_request` line (http.py) is the access log; uvicorn's would be a
+            # second, unstructured one per request, formatted on a logging thread.
+            access_log=False,
+        )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # we own SIGTERM
     http = asyncio.create_task(server.serve(), name="http")

@@ -33,6 +33,8 @@ from verlyard_api.adapters.pg_rows import (
 )
 from verlyard_api.projector import Projection, RowChange, TokenRow, diff, pipeline_id_of, project_batch
 from verlyard_api.verify import Difference, compare
+from verlyard_api.viewcache import ViewCache
+from verlyard_api.views import PipelineView
 from verlyard_shared.store.port import StoreUnavailable
 
 log = structlog.get_logger("verlyard.api.projector")
@@ -43,6 +45,8 @@ BATCH: Final = 500
 ADMIN_TIMEOUT_S: Final = 600.0
 """Rebuild and verify read the whole log: they get minutes, not the request budget."""
 READ_MODEL_TABLES: Final = ("attempts", "stages", "pipelines", "tokens")
+FORGET_SCAN_MAX: Final = 10_000
+"""Positions projected elsewhere beyond which the view cache is cleared rather than scanned."""
 
 
 class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,6 +63,8 @@ class PgProjector:
         self._pool = pool
         self._batch = batch
         self._lock = asyncio.Lock()
+        self.views = ViewCache()
+        """Pipeline views as stored, kept exact by `_step` (docs/adr/0018-pipeline-view-cache.md)."""
         self.position = 0
         """The highest position known to be projected (by this process or another)."""
         self.wakeup = wakeup or Wakeup()
@@ -80,6 +86,8 @@ class PgProjector:
         """One batch in one transaction; returns how many events it applied."""
         async with guarded(), self._pool.acquire() as conn, conn.transaction():
             tracked = await _lock_tracking(conn)
+            if tracked != self.position:
+                await self._forget_elsewhere(conn, tracked)
             rows = await conn.fetch(
                 f"SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2",
                 tracked,
@@ -90,7 +98,9 @@ class PgProjector:
                 return 0
             envelopes = [envelope_from_row(row) for row in rows]
             ids = sorted({pid for e in envelopes if (pid := pipeline_id_of(e.stream_id)) is not None})
-            loaded = await load_views(conn, ids)
+            # Under the tracking row's lock, after `_forget_elsewhere`, a cached view is the stored row.
+            loaded = {pid: view for pid in ids if (view := self.views.peek(pid)) is not None}
+            loaded |= await load_views(conn, [pid for pid in ids if pid not in loaded])
             views, tokens = project_batch(loaded, envelopes)
             changes: list[RowChange] = [c for pid, view in views.items() for c in diff(loaded.get(pid), view)]
             changes.extend(TokenRow(token=token) for token in tokens)
@@ -99,8 +109,32 @@ class PgProjector:
             await conn.execute(
                 "UPDATE tracking SET position = $2, updated_at = now() WHERE consumer = $1", CONSUMER, last
             )
+        self.views.put(views.values())
         self.position = max(self.position, last)
         return len(rows)
+
+    async def _forget_elsewhere(self, conn: Conn, tracked: int) -> None:
+        """Another process projected (position, tracked]: drop the cached views of what it changed."""
+        if tracked < self.position or tracked - self.position > FORGET_SCAN_MAX:
+            self.views.clear()  # a rebuilt or restored database, or a long absence: start afresh
+        else:
+            rows = await conn.fetch(
+                "SELECT DISTINCT stream_id FROM events WHERE position > $1 AND position <= $2", self.position, tracked
+            )
+            self.views.drop(pid for row in rows if (pid := pipeline_id_of(row["stream_id"])) is not None)
+        self.position = tracked
+
+    async def view(self, pipeline_id: str) -> PipelineView | None:
+        """A pipeline's stored view: from the cache, else read (and offered to the cache)."""
+        view = self.views.get(pipeline_id)
+        if view is not None:
+            return view
+        stamp = self.views.stamp()
+        async with guarded():
+            view = (await load_views(self._pool, [pipeline_id])).get(pipeline_id)
+        if view is not None:
+            self.views.offer(view, stamp)
+        return view
 
     async def run(self, stop: asyncio.Event, *, poll_s: float = 1.0) -> None:
         """The background task: catch up whenever appends commit (or every `poll_s`), until `stop`."""
@@ -172,6 +206,7 @@ class PgProjector:
                     "UPDATE tracking SET position = $2, updated_at = now() WHERE consumer = $1", CONSUMER, head
                 )
             self.position = max(self.position, head)
+            self.views.clear()
         log.info("read_models_rebuilt", position=head, pipelines=len(replayed.pipelines))
         return VerifyReport(
             position=head, pipelines=len(replayed.pipelines), tokens=len(replayed.tokens), differences=[]

@@ -9,7 +9,6 @@ from litestar import get
 from litestar.params import FromPath, QueryParameter
 
 from verlyard_api.adapters.pg import guarded
-from verlyard_api.adapters.pg_rows import load_views
 from verlyard_api.adapters.pg_telemetry import (
     SeriesSummary,
     bucketed_points,
@@ -38,9 +37,7 @@ RAW_FACTOR: Final = 4
 
 async def load_stage(ctx: ApiContext, pipeline_id: str, stage: str) -> StageView:
     """The stage's read model (404 for an unknown pipeline or stage)."""
-    async with guarded():
-        views = await load_views(ctx.pool, [pipeline_id])
-    view = views.get(pipeline_id)
+    view = await ctx.projector.view(pipeline_id)
     if view is None:
         raise NotFound(f"no pipeline {pipeline_id}", pipeline_id=pipeline_id)
     found = view.stages.get(stage)

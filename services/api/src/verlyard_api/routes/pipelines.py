@@ -20,7 +20,6 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from verlyard_api.adapters.pg import guarded
-from verlyard_api.adapters.pg_rows import load_views
 from verlyard_api.auth import Principal, require_owner
 from verlyard_api.context import ApiContext
 from verlyard_api.decide import (
@@ -170,9 +169,7 @@ async def _answer(
 
 
 async def _view(ctx: ApiContext, pipeline_id: str) -> PipelineView | None:
-    async with guarded():
-        views = await load_views(ctx.pool, [pipeline_id])
-    return views.get(pipeline_id)
+    return await ctx.projector.view(pipeline_id)
 
 
 # ---- reads -----------------------------------------------------------------------------------------------
