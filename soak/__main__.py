@@ -118,6 +118,7 @@ async def run_scenario(
     settle_s: float,
     keep: bool = False,
     slots: int | None = None,
+    spread_s: float | None = None,
 ) -> tuple[Verdict, list[Bar], dict[str, Any]]:
     stack = SoakStack(
         StackConfig(
@@ -137,6 +138,7 @@ async def run_scenario(
             stop = asyncio.Event()
             prober = asyncio.create_task(_probe_loop(load_, scenario.probe_every_s, stop))
             spread = max(10.0, scenario.seconds_per_fault * faults) if faults else 10.0
+            spread = spread if spread_s is None else spread_s
             submitter = asyncio.create_task(_submit_all(run, scenario, pipelines, spread))
             await scenario.inject(run)
             faults_done_s = time.monotonic() - t0
@@ -163,6 +165,7 @@ async def run_scenario(
             "faults": [f.__dict__ for f in load_.faults],
             "submit_latency_s": summary([p.latency_s for p in load_.probes if p.status in (200, 201)]),
             "restarts": {name: s.starts - 1 for name, s in stack.services.items()},
+            "submit_spread_s": spread,
             "slots_per_agent": stack.config.slots,
             "agents": stack.config.agents,
         }
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipelines", type=int, default=None, help="pipelines per scenario (default 30, quick 8)")
     parser.add_argument("--faults", type=int, default=None, help="faults per scenario (default: the T-table's)")
     parser.add_argument("--slots", type=int, default=None, help="CPU slots per agent (default: the scenario's)")
+    parser.add_argument("--spread", type=float, default=None, help="submit the pipelines over this many seconds")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer pipelines and faults")
     parser.add_argument("--settle", type=float, default=240.0, help="seconds to wait for pipelines to end")
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             faults = min(faults, 3)
         slots = args.slots or scenario.slots
         params = {"pipelines": pipelines, "faults": faults, "seed": seed, "quick": args.quick, "slots": slots}
+        if args.spread is not None:
+            params["spread_s"] = args.spread
         print(f"soak {name}: {scenario.title} ({params})", flush=True)
         verdict, bars, info = asyncio.run(
             run_scenario(
@@ -245,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 settle_s=args.settle,
                 keep=args.keep,
                 slots=slots,
+                spread_s=args.spread,
             )
         )
         print(render(name, verdict))

@@ -117,6 +117,8 @@ class Verdict:
     resumed_from_checkpoint: int = 0
     """Retried attempts placed to resume from the stage's latest checkpoint."""
     resume_mismatches: int = 0
+    max_in_flight: int = 0
+    """The most pipelines submitted and not yet ended at one moment (by the log)."""
     recovery: dict[str, dict[str, float | int]] = field(default_factory=dict)
     """Per fault kind: summaries (n, p50, max seconds) of each recovery measure."""
     probes: dict[str, Any] = field(default_factory=dict)
@@ -155,6 +157,7 @@ class Verdict:
             "attempt_ends": self.attempts,
             "resumed_from_checkpoint": self.resumed_from_checkpoint,
             "resume_mismatches": self.resume_mismatches,
+            "max_in_flight": self.max_in_flight,
             "recovery_s": self.recovery,
             "probes": self.probes,
             "anomalies": [a.__dict__ for a in self.anomalies[:200]],
@@ -211,9 +214,23 @@ def check(
             reason = str(event.data.get("reason", ""))
             key = reason.split(":", 1)[0].split(" ", 1)[0] if reason else "?"
             verdict.rejected_reasons[key] = verdict.rejected_reasons.get(key, 0) + 1
+    verdict.max_in_flight = max_in_flight(events)
     verdict.recovery = recovery_times(events, faults)
     verdict.probes = summarise_probes(probes, faults)
     return verdict
+
+
+def max_in_flight(events: Iterable[Event]) -> int:
+    """The most pipelines open at once: submitted (or asked to retry) and not yet ended, in log order."""
+    open_: set[str] = set()
+    most = 0
+    for event in sorted(events, key=lambda e: e.position):
+        if event.type in ("pipeline.submitted", "pipeline.retry_requested"):
+            open_.add(event.stream_id)
+            most = max(most, len(open_))
+        elif event.type in PIPELINE_END:
+            open_.discard(event.stream_id)
+    return most
 
 
 def _check_identity(events: Sequence[Event], add: Any) -> None:
@@ -651,6 +668,7 @@ def render(scenario: str, verdict: Verdict) -> str:
         f"  stale reports rejected  {verdict.stale_rejected} {verdict.rejected_reasons or ''}",
         f"  attempt ends   {dict(sorted(verdict.attempts.items()))}",
         f"  resumed from checkpoint {verdict.resumed_from_checkpoint}",
+        f"  max pipelines in flight {verdict.max_in_flight}",
     ]
     for name, s in sorted(verdict.recovery.items()):
         lines.append(f"  recovery {name}: {s}")

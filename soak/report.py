@@ -19,14 +19,15 @@ def _load() -> list[dict[str, Any]]:
 
 def table(docs: list[dict[str, Any]]) -> str:
     lines = [
-        "| scenario | date (UTC) | pipelines / faults | attempted / acknowledged / completed | lost | duplicated "
-        "| unexpected | stale rejected | wall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | date (UTC) | pipelines / faults | slots | max in flight | attempted / acknowledged / completed "
+        "| lost | duplicated | unexpected | stale rejected | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in docs:
         v, p = d["verdict"], d["parameters"]
         lines.append(
             f"| {d['scenario']} | {d['date'][:16].replace('T', ' ')} | {p['pipelines']} / {len(d['run']['faults'])} "
+            f"| {d['run'].get('agents', 2)} x {p.get('slots', 4)} | {v.get('max_in_flight', '?')} "
             f"| {v['attempted']} / {v['acknowledged']} / {v['completed']} | {v['lost']} | {v['duplicated']} "
             f"| {v['unexpected']} | {v['stale_reports_rejected']} | {d['run']['wall_s']} s |"
         )

@@ -7,6 +7,7 @@ records each fault, plus `bars(run, verdict)`: its targets from the T-table, mea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import time
@@ -169,13 +170,25 @@ def bars_t2(run: Run, verdict: Verdict) -> list[Bar]:
 # ---- T6: relay crashes (the relay runs in the api process) plus NATS kills --------------------------------
 
 
+async def _api_ready(run: Run, timeout_s: float = 15.0) -> None:
+    """Until the restarted api (and with it the relay) answers /readyz, so the next kill hits a running relay."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if (await run.load.http.get("/readyz", timeout=2)).status_code == 200:
+                return
+        await asyncio.sleep(0.1)
+
+
 async def inject_t6(run: Run) -> None:
     api = run.stack.services["api"]
-    nats_kills = max(1, run.faults // 5)
+    # The T-table's ratio: 100 relay crashes to 5 NATS kills.
+    nats_kills = max(1, round(run.faults / 20))
     kinds = ["relay_kill"] * run.faults + ["nats_kill"] * nats_kills
     run.rng.shuffle(kinds)
     for kind in kinds:
-        await _gap(run, 0.8, 2.5)
+        await _api_ready(run)
+        await _gap(run, 0.3, 1.5)
         at = time.time()
         if kind == "relay_kill":
             api.kill()
@@ -408,7 +421,10 @@ async def inject_t7p(run: Run) -> None:
         await _until_busy(run, agent)
         await _link_phase(run, "agent", "agent_link_delay", agent, "delay", hold_s=8.0, delay_ms=200)
         await _link_phase(run, "agent", "agent_link_delay", agent, "delay", hold_s=8.0, delay_ms=1000)
+        # Busy before each short fault, so "reports again after" measures the link, not an idle agent.
+        await _until_busy(run, agent)
         await _link_phase(run, "agent", "agent_link_drop", agent, "drop", hold_s=lease / 3)
+        await _until_busy(run, agent)
         await _link_phase(run, "agent", "agent_link_reset", agent, "reset", hold_s=0.5)
         # Let any loss a short phase caused show up before the long blackout (the lease), so the
         # checker attributes it to the phase that caused it.
@@ -725,7 +741,14 @@ SCENARIOS: dict[str, Scenario] = {
     "T2": Scenario(
         "T2", "nats-server kill -9 (sync_interval: always), restarted", inject_t2, bars_t2, default_faults=20
     ),
-    "T6": Scenario("T6", "relay crashes (api+relay kill -9) and NATS kills", inject_t6, bars_t6, default_faults=15),
+    "T6": Scenario(
+        "T6",
+        "relay crashes (api+relay kill -9) and NATS kills",
+        inject_t6,
+        bars_t6,
+        default_faults=15,
+        seconds_per_fault=3.0,
+    ),
     "T7": Scenario("T7", "agent kill -9 mid-stage, restarted", inject_t7, bars_t7, default_faults=6, slots=24),
     "T7N": Scenario(
         "T7N",

@@ -325,6 +325,25 @@ def test_a_replacement_that_waited_for_a_free_slot_is_told_apart() -> None:
     assert rec["agent_link_delay.agent_report_s"]["max"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_pipelines_in_flight_at_once() -> None:
+    a, b = clean().events, clean().events
+    shift = len(a)
+    b = [
+        Event(e.position + shift, f"x{e.event_id}", "pipeline-p2", e.version, e.type, e.data, e.actor, e.recorded_at)
+        for e in b
+    ]
+    assert check(a, submitted()).max_in_flight == 1
+    # p2 submitted before p1 ended: two at once.
+    order = [*a[:-1], b[0], a[-1], *b[1:]]
+    interleaved = [
+        Event(i + 1, e.event_id, e.stream_id, e.version, e.type, e.data, e.actor, e.recorded_at)
+        for i, e in enumerate(order)
+    ]
+    assert check(interleaved, []).max_in_flight == 2
+    # p2 submitted after p1 ended: one at a time.
+    assert check([*a, *b], []).max_in_flight == 1
+
+
 def test_a_replacement_with_a_free_slot_did_not_wait() -> None:
     h = History()
     spec = {"name": "soak", "stages": {"a": {"kind": "noop", "needs": [], "when": "on_success"}}}
