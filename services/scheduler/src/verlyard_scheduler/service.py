@@ -190,6 +190,10 @@ class Term:
         self._inbox_task: asyncio.Task[None] | None = None
         """Report messages of the turn under way (handed back if the term ends in the middle of it)."""
         self._next_reconcile = 0.0
+        self._notified = 0
+        """The highest position a NOTIFY announced: the log holds news for us only past our position."""
+        self._next_tail = 0.0
+        """time.monotonic() of the next unconditional tail (the fallback for a NOTIFY that never came)."""
         self._log = log.bind(term=service.terms)
         self.loaded = asyncio.Event()
         self.turns = 0
@@ -208,10 +212,13 @@ class Term:
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
-            if int(payload) <= self.world.position:
-                return  # our own append, already folded
+            position = int(payload)
         except ValueError:
-            pass
+            self._next_tail = 0.0  # not a position: read the log to be sure
+        else:
+            self._notified = max(self._notified, position)
+            if position <= self.world.position:
+                return  # our own append, already folded
         self._wake.set()
 
     def _check(self) -> None:
@@ -376,7 +383,10 @@ class Term:
 
     async def _turn(self) -> None:
         self.turns += 1
-        await self._tail()
+        if self._notified > self.world.position or time.monotonic() >= self._next_tail:
+            # A turn woken by reports alone skips the read: Postgres announces every commit (NOTIFY
+            # carries its last position), and the poll covers a notification lost with a connection.
+            await self._tail()
         now = self.svc._clock()
         self._due(now)
         reports = await self._reports()
@@ -400,6 +410,7 @@ class Term:
     async def _tail(self) -> None:
         """Fold what others appended since our position (the API's submissions, cancels, retries...)."""
         world = self.world
+        self._next_tail = time.monotonic() + self.config.poll_s
         while True:
             batch = await read_log(self.store, after=world.position, limit=self.config.read_batch)
             for envelope in batch:
