@@ -1,4 +1,4 @@
-"""Adapter: publish a journal's entries to JetStream, in order, pipelined in batches, with their Nats-Msg-Id.
+"""Adapter: publish a journal's entries to JetStream in order, a window of acks in flight, with their Nats-Msg-Id.
 
 While NATS is away it waits and retries the same entry (attempts keep running and keep journaling);
 on reconnect it replays the backlog in order. An entry NATS refuses for good (too large, rejected
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 import structlog
 from nats.aio.client import Client as NATS
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from nats.js.errors import BadRequestError
 
-from verlyard_agent.journal import Journal
+from verlyard_agent.journal import Journal, JournalEntry
 
 log = structlog.get_logger("verlyard.agent.publisher")
 
@@ -63,57 +65,87 @@ class JournalPublisher:
                 delay = min(delay * 2, 2.0)
 
     async def _publish_some(self) -> bool:
-        """Publish the next entries; False when NATS failed (the failed entry and those after it are
-        retried later; any of them that did arrive is deduplicated by its Nats-Msg-Id)."""
+        """Publish until the journal has nothing left to send; False when NATS failed (the failed entry
+        and those after it are retried later; any of them that did arrive is deduplicated by its
+        Nats-Msg-Id).
+
+        Windowed: up to `batch` publishes are in flight at once and entries journaled meanwhile are
+        sent without waiting for the earlier acks (an attempt's `finished` does not queue behind the
+        ack of its `started`); acks are settled strictly in journal order.
+        """
         js = self._js
         assert js is not None
-        await self.journal.sync()  # one fsync for everything appended since the last batch
-        entries = self.journal.peek(self.batch)
-        # Pipelined: the publishes leave in order on the one connection and their acks are awaited
-        # together, so a batch costs one round trip, not one per entry.
-        outcomes = await asyncio.gather(
-            *(
-                js.publish(e.subject, bytes(e.data), headers={"Nats-Msg-Id": e.msg_id}, timeout=self.timeout_s)
-                for e in entries
-            ),
-            return_exceptions=True,
-        )
-        for entry, outcome in zip(entries, outcomes, strict=True):
-            if isinstance(outcome, MaxPayloadError | BadRequestError):
-                log.error(
-                    "journal_entry_refused",
+        in_flight: deque[tuple[JournalEntry, asyncio.Future[PubAck]]] = deque()
+        launched = 0
+        try:
+            while True:
+                self._wake.clear()  # before looking: an append landing after the look wakes the wait
+                # In flight: always the oldest unpublished entries, so the backlog beyond them is news.
+                if len(in_flight) < self.batch and self.journal.backlog > len(in_flight):
+                    await self.journal.sync()  # one fsync for everything appended since the last one
+                    for entry in self.journal.peek(len(in_flight) + self.batch):
+                        if entry.seq <= launched or len(in_flight) >= self.batch:
+                            continue
+                        publish = js.publish(
+                            entry.subject,
+                            bytes(entry.data),
+                            headers={"Nats-Msg-Id": entry.msg_id},
+                            timeout=self.timeout_s,
+                        )
+                        in_flight.append((entry, asyncio.ensure_future(publish)))
+                        launched = entry.seq
+                if not in_flight:
+                    return True
+                head = in_flight[0][1]
+                if not head.done():
+                    woken = asyncio.ensure_future(self._wake.wait())
+                    try:
+                        await asyncio.wait([head, woken], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        woken.cancel()
+                while in_flight and in_flight[0][1].done():
+                    entry, future = in_flight.popleft()
+                    if not self._settle(entry, future):
+                        return False
+        finally:
+            for _, future in in_flight:
+                future.cancel()  # no longer waited for; a retry of one that landed is a duplicate
+
+    def _settle(self, entry: JournalEntry, future: asyncio.Future[PubAck]) -> bool:
+        """Record the outcome of `entry`'s publish; False on a transient failure."""
+        outcome = future.exception()
+        if isinstance(outcome, MaxPayloadError | BadRequestError):
+            log.error(
+                "journal_entry_refused",
+                journal=self.name,
+                seq=entry.seq,
+                subject=entry.subject,
+                error=type(outcome).__name__,
+                detail=str(outcome),
+            )
+            self.journal.skip(entry)
+            return True
+        if outcome is not None:  # disconnected, timed out, no stream yet: transient here
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.warning(
+                    "journal_publish_failed",
                     journal=self.name,
-                    seq=entry.seq,
-                    subject=entry.subject,
+                    backlog=self.journal.backlog,
                     error=type(outcome).__name__,
                     detail=str(outcome),
                 )
-                self.journal.skip(entry)
-                continue
-            if isinstance(outcome, BaseException):  # disconnected, timed out, no stream yet: transient here
-                if isinstance(outcome, asyncio.CancelledError):
-                    raise outcome
-                now = time.monotonic()
-                if self._failing_since is None:
-                    self._failing_since = now
-                    log.warning(
-                        "journal_publish_failed",
-                        journal=self.name,
-                        backlog=self.journal.backlog,
-                        error=type(outcome).__name__,
-                        detail=str(outcome),
-                    )
-                return False
-            self.journal.mark_published(entry)
-            self.published += 1
-            if self._failing_since is not None:
-                log.info(
-                    "journal_publish_resumed",
-                    journal=self.name,
-                    after_s=round(time.monotonic() - self._failing_since, 2),
-                    backlog=self.journal.backlog,
-                )
-                self._failing_since = None
+            return False
+        self.journal.mark_published(entry)
+        self.published += 1
+        if self._failing_since is not None:
+            log.info(
+                "journal_publish_resumed",
+                journal=self.name,
+                after_s=round(time.monotonic() - self._failing_since, 2),
+                backlog=self.journal.backlog,
+            )
+            self._failing_since = None
         return True
 
     async def flush(self, timeout_s: float) -> bool:
