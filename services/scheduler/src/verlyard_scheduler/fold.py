@@ -9,6 +9,7 @@ known, finished or replaced is left alone, so a duplicated event changes nothing
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final, Literal, assert_never
 
@@ -64,7 +65,11 @@ class FoldError(ValueError):
     """The stream cannot be folded: it does not start with `pipeline.submitted`."""
 
 
-class AttemptState(msgspec.Struct, frozen=True, kw_only=True):
+# The states are `gc=False`: a fold makes a new one per event (a million at a start-up load, bench R1)
+# and, tracked, they made gen-2 collections a quarter of the fold's time. Safe because a frozen state is
+# built from values that existed before it and never point back at it, so no cycle can run through one
+# (tests/unit/test_fold_gc.py).
+class AttemptState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One try of a stage on one agent."""
 
     id: str
@@ -97,7 +102,7 @@ class AttemptState(msgspec.Struct, frozen=True, kw_only=True):
         return self.status in ATTEMPT_ACTIVE
 
 
-class StageState(msgspec.Struct, frozen=True, kw_only=True):
+class StageState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     name: str
     status: StageStatus = "pending"
     attempts: tuple[AttemptState, ...] = ()
@@ -133,7 +138,7 @@ class StageState(msgspec.Struct, frozen=True, kw_only=True):
         return None
 
 
-class PipelineState(msgspec.Struct, frozen=True, kw_only=True):
+class PipelineState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     pipeline_id: str
     spec: PipelineSpec
     stages: dict[str, StageState]
@@ -176,109 +181,81 @@ def fold(events: list[Envelope] | list[AnyEvent], state: PipelineState | None = 
 def evolve(state: PipelineState | None, item: Envelope | AnyEvent) -> PipelineState:
     """Apply one event (bare, or in its envelope) to a pipeline's state; see the module docstring."""
     if isinstance(item, Envelope):
-        if state is not None and item.version <= state.version:
+        if state is None:
+            return _start(item.event, item.recorded_at, item.position, item.version)
+        version = item.version
+        if version <= state.version:
             return state  # already applied (a duplicate delivery, or a tail overlapping a snapshot)
-        new = _apply(state, item.event, item.recorded_at, item.position)
-        return new if new.version == item.version else replace(new, version=item.version)
-    return _apply(state, item, None, None)
-
-
-def _apply(state: PipelineState | None, event: AnyEvent, at: datetime | None, position: int | None) -> PipelineState:
-    if state is None:
-        if isinstance(event, PipelineSubmitted):
-            return PipelineState(
-                pipeline_id=event.pipeline_id,
-                spec=event.spec,
-                stages={name: StageState(name=name) for name in event.spec.stages},
-                submitted_position=position,
-                created_at=at,
-            )
-        raise FoldError(f"a pipeline stream must start with pipeline.submitted, not {type(event).__name__}")
+        event, at = item.event, item.recorded_at
+    elif state is None:
+        return _start(item, None, None, 0)
+    else:
+        event, at, version = item, None, state.version
     if getattr(event, "pipeline_id", state.pipeline_id) != state.pipeline_id:
-        return state
-    # The most frequent events first: a match tries its class patterns in order.
+        new = state
+    else:
+        handler = _HANDLERS.get(type(event)) or _handler_for(event)
+        new = handler(state, event, at, version)
+    # Handlers stamp `version` into the one copy they make; one that changes nothing hands back
+    # `state` as it was, which must still record that this version was applied.
+    return new if new.version == version else replace(new, version=version)
+
+
+def _start(event: AnyEvent, at: datetime | None, position: int | None, version: int) -> PipelineState:
+    if isinstance(event, PipelineSubmitted):
+        return PipelineState(
+            pipeline_id=event.pipeline_id,
+            spec=event.spec,
+            stages={name: StageState(name=name) for name in event.spec.stages},
+            version=version,
+            submitted_position=position,
+            created_at=at,
+        )
+    raise FoldError(f"a pipeline stream must start with pipeline.submitted, not {type(event).__name__}")
+
+
+_Handler = Callable[[PipelineState, Any, "datetime | None", int], PipelineState]
+"""(state, event, recorded_at, version) -> the new state, carrying `version` (or `state` unchanged)."""
+
+_HANDLERS: dict[type, _Handler] = {}
+"""Event type -> its handler: `_handler_for` memoised, so each event costs one lookup, not a walk
+down the match's class patterns."""
+
+
+def _handler_for(event: AnyEvent) -> _Handler:
+    """The handler of `event`'s type (and remember it): the exhaustive list of what each event does."""
+    handler: _Handler
     match event:
         case StagePlaced():
-            return _placed(state, event, at)
-        case AttemptAccepted():
-            return _touch(state, event.stage, event.attempt, at, accepted=True)
-        case AttemptStarted():
-            return _touch(state, event.stage, event.attempt, at, accepted=True, started=True)
-        case AttemptProgressed():
-            return _touch(state, event.stage, event.attempt, at, step=event.step, total_steps=event.total_steps)
-        case PipelineSubmitted():
-            return state  # a duplicate submission changes nothing
-        case PipelineCancelRequested():
-            if state.terminal or state.cancel_requested:
-                return state
-            return replace(state, cancel_requested=True, cancel_reason=event.reason)
-        case PipelineRetryRequested():
-            return _retry(state, event)
-        case PipelineSucceeded():
-            return _finish(state, "succeeded", at, "", ())
-        case PipelineFailed():
-            return _finish(state, "failed", at, event.reason, event.failed_stages)
-        case PipelineCancelled():
-            return _finish(state, "cancelled", at, event.reason, ())
-        case StagePending():
-            stage = state.stages.get(event.stage)
-            if stage is None or stage.status != "pending" or stage.pending_reason == event.reason:
-                return state
-            return _put(state, replace(stage, pending_reason=event.reason))
-        case CheckpointSaved():
-            return _checkpoint(state, event, at)
+            handler = _placed
+        case AttemptAccepted() | AttemptStarted() | AttemptProgressed():
+            handler = _touch
         case StageSucceeded():
-            return _ended(
-                state,
-                event.stage,
-                event.attempt,
-                at,
-                attempt_status="succeeded",
-                stage_status="succeeded",
-                exit_code=event.exit_code,
-                outputs=event.outputs,
-            )
+            handler = _succeeded
         case StageFailed():
-            return _ended(
-                state,
-                event.stage,
-                event.attempt,
-                at,
-                attempt_status="failed",
-                stage_status="failed",
-                exit_code=event.exit_code,
-                failure_class=event.failure_class,
-                reason=event.reason or event.failure_class,
-            )
+            handler = _failed
         case AttemptLost():
-            return _ended(
-                state,
-                event.stage,
-                event.attempt,
-                at,
-                attempt_status="lost",
-                stage_status="failed",
-                failure_class="lost",
-                reason=event.reason,
-            )
+            handler = _lost
+        case CheckpointSaved():
+            handler = _checkpoint
+        case StagePending():
+            handler = _pending
         case StageRetryScheduled():
-            stage = state.stages.get(event.stage)
-            current = stage.current if stage is not None else None
-            if stage is None or current is None or current.id != event.attempt or stage.status != "failed":
-                return state
-            return _put(
-                state,
-                replace(stage, status="pending", not_before=event.not_before, retry_of=event.attempt, finished_at=None),
-            )
+            handler = _retry_scheduled
         case StageSkipped():
-            stage = state.stages.get(event.stage)
-            if stage is None or stage.status != "pending":
-                return state
-            return _put(state, replace(stage, status="skipped", reason=event.reason, finished_at=at, not_before=None))
+            handler = _skipped
         case StageCancelled():
-            return _cancelled(state, event, at)
+            handler = _cancelled
+        case PipelineCancelRequested():
+            handler = _cancel_requested
+        case PipelineRetryRequested():
+            handler = _retry
+        case PipelineSucceeded() | PipelineFailed() | PipelineCancelled():
+            handler = _finish
+        case PipelineSubmitted():
+            handler = _unchanged  # a duplicate submission changes nothing
         case ReportRejected():
-            return state  # audited in the log; it changes no state by definition
+            handler = _unchanged  # audited in the log; it changes no state by definition
         case (
             AgentRegistered()
             | AgentDrainRequested()
@@ -290,13 +267,23 @@ def _apply(state: PipelineState | None, event: AnyEvent, at: datetime | None, po
             | DatasetUploaded()
             | TokenCreated()
         ):
-            return state  # not pipeline events
+            handler = _unchanged  # not pipeline events
         case _:
             assert_never(event)
+    _HANDLERS[type(event)] = handler
+    return handler
 
 
-def _put(state: PipelineState, stage: StageState) -> PipelineState:
-    return replace(state, stages={**state.stages, stage.name: stage})
+def _unchanged(state: PipelineState, event: AnyEvent, at: datetime | None, version: int) -> PipelineState:
+    return state
+
+
+def _put(state: PipelineState, stage: StageState, version: int) -> PipelineState:
+    # A shallow copy of the small stage map shares every other stage (they are immutable); it is
+    # cheaper than `{**stages, name: stage}`, which builds the dict through the generic merge path.
+    stages = state.stages.copy()
+    stages[stage.name] = stage
+    return replace(state, stages=stages, version=version)
 
 
 def _put_attempt(stage: StageState, attempt: AttemptState) -> StageState:
@@ -306,15 +293,53 @@ def _put_attempt(stage: StageState, attempt: AttemptState) -> StageState:
     return replace(stage, attempts=tuple(attempt if a.id == attempt.id else a for a in attempts))
 
 
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    # Not `max(a, b)`: the builtin's generic call costs several times one comparison, per report.
+    return b if b > a else a
+
+
+def _pending(state: PipelineState, event: StagePending, at: datetime | None, version: int) -> PipelineState:
+    stage = state.stages.get(event.stage)
+    if stage is None or stage.status != "pending" or stage.pending_reason == event.reason:
+        return state
+    return _put(state, replace(stage, pending_reason=event.reason), version)
+
+
+def _cancel_requested(
+    state: PipelineState, event: PipelineCancelRequested, at: datetime | None, version: int
+) -> PipelineState:
+    if state.terminal or state.cancel_requested:
+        return state
+    return replace(state, cancel_requested=True, cancel_reason=event.reason, version=version)
+
+
 def _finish(
-    state: PipelineState, status: PipelineStatus, at: datetime | None, reason: str, failed: tuple[str, ...]
+    state: PipelineState,
+    event: PipelineSucceeded | PipelineFailed | PipelineCancelled,
+    at: datetime | None,
+    version: int,
 ) -> PipelineState:
     if state.terminal:
         return state
-    return replace(state, status=status, finished_at=at, reason=reason, failed_stages=failed)
+    if isinstance(event, PipelineSucceeded):
+        return replace(state, status="succeeded", finished_at=at, reason="", failed_stages=(), version=version)
+    if isinstance(event, PipelineFailed):
+        return replace(
+            state,
+            status="failed",
+            finished_at=at,
+            reason=event.reason,
+            failed_stages=event.failed_stages,
+            version=version,
+        )
+    return replace(state, status="cancelled", finished_at=at, reason=event.reason, failed_stages=(), version=version)
 
 
-def _retry(state: PipelineState, event: PipelineRetryRequested) -> PipelineState:
+def _retry(state: PipelineState, event: PipelineRetryRequested, at: datetime | None, version: int) -> PipelineState:
     # Only an ended, unsuccessful pipeline can be retried; this also makes a duplicate request a no-op.
     if state.status not in ("failed", "cancelled"):
         return state
@@ -358,12 +383,18 @@ def _retry(state: PipelineState, event: PipelineRetryRequested) -> PipelineState
         cancel_requested=False,
         cancel_reason="",
         retries=state.retries + 1,
+        version=version,
     )
 
 
-def _placed(state: PipelineState, event: StagePlaced, at: datetime | None) -> PipelineState:
+def _placed(state: PipelineState, event: StagePlaced, at: datetime | None, version: int) -> PipelineState:
     stage = state.stages.get(event.stage)
-    if stage is None or state.terminal or stage.status != "pending" or stage.attempt(event.attempt) is not None:
+    if (
+        stage is None
+        or stage.status != "pending"
+        or state.status in PIPELINE_TERMINAL
+        or stage.attempt(event.attempt) is not None
+    ):
         return state
     attempt = AttemptState(
         id=event.attempt,
@@ -386,53 +417,76 @@ def _placed(state: PipelineState, event: StagePlaced, at: datetime | None) -> Pi
         retry_of=None,
         reason="",
     )
-    new = _put(state, stage)
-    return replace(new, status="running") if new.status == "pending" else new
-
-
-def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
+    stages = state.stages.copy()
+    stages[stage.name] = stage
+    # Not terminal (checked above), so the pipeline was pending or already running.
+    return replace(state, stages=stages, status="running", version=version)
 
 
 def _touch(
     state: PipelineState,
-    stage_name: str,
-    attempt_id: str,
+    event: AttemptAccepted | AttemptStarted | AttemptProgressed,
     at: datetime | None,
-    *,
-    accepted: bool = False,
-    started: bool = False,
-    step: int | None = None,
-    total_steps: int | None = None,
+    version: int,
 ) -> PipelineState:
-    """An accepted/started/progress report: the attempt is alive (and, for progress, running)."""
-    stage = state.stages.get(stage_name)
-    attempt = stage.attempt(attempt_id) if stage is not None else None
-    if stage is None or attempt is None or not attempt.active:
+    """An accepted/started/progress report: the attempt is alive (and, once started, running)."""
+    stage = state.stages.get(event.stage)
+    if stage is None:
         return state
-    status: AttemptStatus = attempt.status
-    if started or step is not None:
+    attempts = stage.attempts
+    if not attempts:
+        return state
+    attempt = attempts[-1]  # reports nearly always name the current attempt
+    if attempt.id != event.attempt:
+        attempt = stage.attempt(event.attempt)
+        if attempt is None:
+            return state
+    if attempt.status not in ATTEMPT_ACTIVE:
+        return state
+    step, total_steps = attempt.step, attempt.total_steps
+    if isinstance(event, AttemptProgressed):
+        status: AttemptStatus = "running"
+        step = max(step or 0, event.step)
+        if event.total_steps is not None:
+            total_steps = event.total_steps
+    elif isinstance(event, AttemptStarted):
         status = "running"
-    elif accepted and status == "placed":
-        status = "accepted"
+    else:
+        status = "accepted" if attempt.status == "placed" else attempt.status
+    accepted_at = attempt.accepted_at or at
+    started_at = attempt.started_at or (at if status == "running" else None)
+    seen = attempt.last_seen_at  # `_latest(seen, at)`, inline
+    last_seen_at = seen if at is None or (seen is not None and seen >= at) else at
+    # A duplicate report changes nothing: compare the fields it could set, not the whole attempt.
+    if (
+        attempt.was_accepted
+        and status == attempt.status
+        and accepted_at == attempt.accepted_at
+        and started_at == attempt.started_at
+        and last_seen_at == attempt.last_seen_at
+        and step == attempt.step
+        and total_steps == attempt.total_steps
+    ):
+        return state
     updated = replace(
         attempt,
         status=status,
         was_accepted=True,
-        accepted_at=attempt.accepted_at or at,
-        started_at=attempt.started_at or (at if status == "running" else None),
-        last_seen_at=_latest(attempt.last_seen_at, at),
-        step=max(attempt.step or 0, step) if step is not None else attempt.step,
-        total_steps=total_steps if total_steps is not None else attempt.total_steps,
+        accepted_at=accepted_at,
+        started_at=started_at,
+        last_seen_at=last_seen_at,
+        step=step,
+        total_steps=total_steps,
     )
-    return state if updated == attempt else _put(state, _put_attempt(stage, updated))
+    if attempt is not attempts[-1]:
+        return _put(state, _put_attempt(stage, updated), version)
+    # The current attempt, inline (`_put_attempt` then `_put`): this runs for most events of a log.
+    stages = state.stages.copy()
+    stages[stage.name] = replace(stage, attempts=(*attempts[:-1], updated))
+    return replace(state, stages=stages, version=version)
 
 
-def _checkpoint(state: PipelineState, event: CheckpointSaved, at: datetime | None) -> PipelineState:
+def _checkpoint(state: PipelineState, event: CheckpointSaved, at: datetime | None, version: int) -> PipelineState:
     stage = state.stages.get(event.stage)
     attempt = stage.attempt(event.attempt) if stage is not None else None
     if stage is None or attempt is None:
@@ -441,7 +495,50 @@ def _checkpoint(state: PipelineState, event: CheckpointSaved, at: datetime | Non
         stage = replace(stage, checkpoint_step=event.step, checkpoint_path=event.path)
     if attempt.active:
         stage = _put_attempt(stage, replace(attempt, last_seen_at=_latest(attempt.last_seen_at, at)))
-    return _put(state, stage)
+    return _put(state, stage, version)
+
+
+def _succeeded(state: PipelineState, event: StageSucceeded, at: datetime | None, version: int) -> PipelineState:
+    return _ended(
+        state,
+        event.stage,
+        event.attempt,
+        at,
+        version,
+        attempt_status="succeeded",
+        stage_status="succeeded",
+        exit_code=event.exit_code,
+        outputs=event.outputs,
+    )
+
+
+def _failed(state: PipelineState, event: StageFailed, at: datetime | None, version: int) -> PipelineState:
+    return _ended(
+        state,
+        event.stage,
+        event.attempt,
+        at,
+        version,
+        attempt_status="failed",
+        stage_status="failed",
+        exit_code=event.exit_code,
+        failure_class=event.failure_class,
+        reason=event.reason or event.failure_class,
+    )
+
+
+def _lost(state: PipelineState, event: AttemptLost, at: datetime | None, version: int) -> PipelineState:
+    return _ended(
+        state,
+        event.stage,
+        event.attempt,
+        at,
+        version,
+        attempt_status="lost",
+        stage_status="failed",
+        failure_class="lost",
+        reason=event.reason,
+    )
 
 
 def _ended(
@@ -449,6 +546,7 @@ def _ended(
     stage_name: str,
     attempt_id: str,
     at: datetime | None,
+    version: int,
     *,
     attempt_status: AttemptStatus,
     stage_status: StageStatus,
@@ -459,8 +557,11 @@ def _ended(
 ) -> PipelineState:
     """An attempt ended: only the stage's current, still active attempt can end it (fencing)."""
     stage = state.stages.get(stage_name)
-    current = stage.current if stage is not None else None
-    if stage is None or current is None or current.id != attempt_id or not current.active:
+    if stage is None or not stage.attempts:
+        return state
+    attempts = stage.attempts
+    current = attempts[-1]
+    if current.id != attempt_id or current.status not in ATTEMPT_ACTIVE:
         return state
     attempt = replace(
         current,
@@ -471,16 +572,38 @@ def _ended(
         reason=reason,
     )
     stage = replace(
-        _put_attempt(stage, attempt),
+        stage,
+        attempts=(*attempts[:-1], attempt),
         status=stage_status,
         finished_at=at,
         reason=reason,
         outputs=outputs if outputs is not None else stage.outputs,
     )
-    return _put(state, stage)
+    stages = state.stages.copy()
+    stages[stage_name] = stage
+    return replace(state, stages=stages, version=version)
 
 
-def _cancelled(state: PipelineState, event: StageCancelled, at: datetime | None) -> PipelineState:
+def _retry_scheduled(
+    state: PipelineState, event: StageRetryScheduled, at: datetime | None, version: int
+) -> PipelineState:
+    stage = state.stages.get(event.stage)
+    current = stage.current if stage is not None else None
+    if stage is None or current is None or current.id != event.attempt or stage.status != "failed":
+        return state
+    stage = replace(stage, status="pending", not_before=event.not_before, retry_of=event.attempt, finished_at=None)
+    return _put(state, stage, version)
+
+
+def _skipped(state: PipelineState, event: StageSkipped, at: datetime | None, version: int) -> PipelineState:
+    stage = state.stages.get(event.stage)
+    if stage is None or stage.status != "pending":
+        return state
+    stage = replace(stage, status="skipped", reason=event.reason, finished_at=at, not_before=None)
+    return _put(state, stage, version)
+
+
+def _cancelled(state: PipelineState, event: StageCancelled, at: datetime | None, version: int) -> PipelineState:
     stage = state.stages.get(event.stage)
     if stage is None:
         return state
@@ -491,7 +614,8 @@ def _cancelled(state: PipelineState, event: StageCancelled, at: datetime | None)
         stage = _put_attempt(stage, replace(current, status="cancelled", finished_at=at, reason=event.reason))
     elif stage.status not in ("pending", "failed") or stage.active_attempt is not None:
         return state
-    return _put(state, replace(stage, status="cancelled", reason=event.reason, finished_at=at, not_before=None))
+    stage = replace(stage, status="cancelled", reason=event.reason, finished_at=at, not_before=None)
+    return _put(state, stage, version)
 
 
 # ---- agents (stream `agent-<id>`) --------------------------------------------------------------------
