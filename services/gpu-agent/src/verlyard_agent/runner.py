@@ -32,7 +32,7 @@ from verlyard_agent.inventory import GpuProbe
 from verlyard_agent.layout import AttemptPaths
 from verlyard_agent.lifecycle import AttemptRecord
 from verlyard_agent.outbox import AttemptTelemetry, Outbox, utcnow
-from verlyard_agent.stages import resolve
+from verlyard_agent.stages import ignored_params, resolve
 from verlyard_agent.stages.base import StageFailure, StageResult
 from verlyard_agent.watchdog import StepWatch, WatchdogPolicy
 from verlyard_shared.commands import RunStage
@@ -407,7 +407,8 @@ class AttemptRun:
 
     async def execute(self) -> AttemptFinishedReport:
         """Run the attempt to its end and journal `rpt.finished` (never raises for a stage's failure)."""
-        self._oom_kills_before = oomwatch.oom_kills()
+        if self.spec.kind != "noop":  # in-process: the OOM killer would take the agent, not the attempt
+            self._oom_kills_before = oomwatch.oom_kills()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._log_file = self._paths.log_file.open("a", encoding="utf-8", buffering=1)
         self._record("running")
@@ -449,6 +450,8 @@ class AttemptRun:
 
     async def _run_kind(self) -> StageResult:
         kind = self.spec.kind
+        if ignored := ignored_params(kind, self.params):
+            self.log(f"ignoring with: keys a {kind} stage does not read: {', '.join(ignored)}")
         try:
             run = resolve(kind)
             result = await run(self)
