@@ -5,6 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from verlyard_scheduler.fold import AgentState
 from verlyard_scheduler.placement import (
     AgentView,
@@ -12,8 +15,11 @@ from verlyard_scheduler.placement import (
     Placement,
     ReadyStage,
     Unplaceable,
+    _Agent,  # pyright: ignore[reportPrivateUsage]
+    _place_one,  # pyright: ignore[reportPrivateUsage]
     agent_views,
     place,
+    queue_key,
 )
 from verlyard_shared.events import GpuInfo
 from verlyard_shared.spec import Resources
@@ -178,3 +184,75 @@ def test_agent_views_subtract_what_active_attempts_hold() -> None:
     assert views[1].draining
     (result,) = place([ready("next", gpus=1, gpu_memory_gb=80)], views, T0)
     assert isinstance(result, Placement) and result.gpus == (0,)
+
+
+# ---- the pass's memo of refusals changes nothing ---------------------------------------------------------
+
+_REQUESTS = st.sampled_from(
+    [
+        {"gpus": 1},
+        {"gpus": 2, "gpu_memory_gb": 40},
+        {"gpus": 8},
+        {"gpus": 1, "gpu_memory_gb": 200},
+        {"cpu_slots": 1},
+        {"cpu_slots": 3},
+        {"cpu_slots": 99},
+        {"cpu_slots": 1, "labels": {"pool": "a"}},
+        {"gpus": 1, "labels": {"pool": "b"}},
+    ]
+)
+_AGENTS = st.lists(
+    st.builds(
+        lambda i, cards, busy, slots, used, label, draining: agent(
+            f"a{i}",
+            gpus=gpus(*cards, busy=tuple(b for b in busy if b < len(cards))),
+            cpu_slots=slots,
+            cpu_slots_used=min(used, slots),
+            labels={"pool": label} if label else {},
+            draining=draining,
+        ),
+        st.integers(0, 9),
+        st.lists(st.sampled_from([24, 40, 80]), max_size=4),
+        st.sets(st.integers(0, 3)),
+        st.integers(0, 4),
+        st.integers(0, 4),
+        st.sampled_from(["", "a", "b"]),
+        st.booleans(),
+    ),
+    max_size=3,
+    unique_by=lambda a: a.agent,
+)
+
+
+def _reference(ready_stages: list[ReadyStage], agents: list[AgentView]) -> list[Placement | Unplaceable]:
+    """The pass without its memo: every stage worked out on its own."""
+    pool = [_Agent(a) for a in sorted(agents, key=lambda a: a.agent)]
+    alive = [a for a in pool if a.view.alive_until is None or a.view.alive_until > T0]
+    reserved: dict[str, str] = {}
+    return [_place_one(item, alive, reserved) for item in sorted(ready_stages, key=queue_key)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(requests=st.lists(_REQUESTS, max_size=30), agents=_AGENTS)
+def test_the_memo_of_refusals_gives_what_working_each_stage_out_gives(
+    requests: list[dict[str, Any]], agents: list[AgentView]
+) -> None:
+    stages = [ready(f"s{i}", pipeline=f"p{i}", queued_at=i, **dict(r)) for i, r in enumerate(requests)]
+    assert place(stages, agents, T0) == _reference(stages, agents)
+
+
+def test_a_refusal_is_worked_out_again_once_the_pass_has_placed_something() -> None:
+    # 3 slots free of 4: the 4-slot stage is refused ("largest free: 3"), a 1-slot stage takes one,
+    # so the next 4-slot stage's reason must say 2, not repeat the first refusal.
+    agents = [agent("a", cpu_slots=4, cpu_slots_used=1)]
+    stages = [
+        ready("big1", queued_at=1, cpu_slots=4),
+        ready("small", queued_at=2),
+        ready("big2", queued_at=3, cpu_slots=4),
+    ]
+    results = by_stage(place(stages, agents, T0))
+    assert isinstance(results["small"], Placement)
+    big1, big2 = results["big1"], results["big2"]
+    assert isinstance(big1, Unplaceable) and isinstance(big2, Unplaceable)
+    assert "largest free: 3 on agent a" in big1.reason and "largest free: 2 on agent a" in big2.reason
+    assert place(stages, agents, T0) == _reference(stages, agents)

@@ -117,8 +117,25 @@ def place(ready: Iterable[ReadyStage], agents: Iterable[AgentView], now: datetim
     alive = [a for a in pool if a.view.alive_until is None or now < a.view.alive_until]
     reserved: dict[str, str] = {}  # agent -> the blocked GPU stage it is kept for
     out: list[Placement | Unplaceable] = []
+    # A long queue of stages that cannot be placed is mostly the same request again and again: while
+    # the pass has neither placed nor reserved anything since, the same request gets the same reason
+    # (`_place_one` depends on the item only through its resources), so it is not worked out again.
+    changes = 0
+    refused: dict[tuple[int, float, int, tuple[tuple[str, str], ...]], tuple[int, str]] = {}
     for item in sorted(ready, key=queue_key):
-        out.append(_place_one(item, alive, reserved))
+        res = item.resources
+        key = (res.gpus, res.gpu_memory_gb, res.cpu_slots, tuple(sorted(res.labels.items())))
+        known = refused.get(key)
+        if known is not None and known[0] == changes:
+            out.append(Unplaceable(pipeline_id=item.pipeline_id, stage=item.stage, reason=known[1]))
+            continue
+        held = len(reserved)
+        result = _place_one(item, alive, reserved)
+        if isinstance(result, Placement) or len(reserved) != held:
+            changes += 1
+        else:
+            refused[key] = (changes, result.reason)
+        out.append(result)
     return out
 
 
