@@ -1,5 +1,5 @@
 """Edge (soak only): `python -m soak.agent_shim <verlyard agent args>` runs the real agent with one
-injectable fault: a RunStage whose stage has `with: {soak_poison: true}` makes the agent's command
+injectable fault: a RunStage whose stage has `with: {x-soak-poison: true}` makes the agent's command
 handler raise on every delivery (T15's "a command whose handler always fails").
 
 The fault lives here, not in the agent: production code has no failpoints. Everything else is the
@@ -25,7 +25,7 @@ def install() -> None:
     original = Agent._on_run
 
     def on_run(self: Agent, command: RunStage) -> Verdict:
-        if command.spec.params.get("soak_poison"):
+        if command.spec.params.get("x-soak-poison"):
             raise InjectedPoison(f"soak: injected handler failure for {command.stage}")
         return original(self, command)
 

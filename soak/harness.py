@@ -360,7 +360,7 @@ def pipeline_spec(name: str, rng: random.Random, *, poison: bool = False) -> dic
         params: dict[str, Any] = {"steps": steps, "step_ms": rng.randint(1000, 5000) // steps}
         params["checkpoint_every"] = 2
         if poison and stage == "right":
-            params["soak_poison"] = True
+            params["x-soak-poison"] = True  # an `x-` key: validation passes it, no kind reads it
         spec: dict[str, Any] = {
             "kind": "noop",
             "with": params,

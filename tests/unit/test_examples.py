@@ -1,32 +1,36 @@
-"""Unit: every examples/*.yaml parses and validates as the API would, and its `with:` keys are real.
+"""Unit: every examples/*.yaml parses and validates as the API would, and the `with:` keys agree.
 
-Validation lets unknown `with:` keys through to the agent (which ignores them), so a misspelt key in an
-example would go unnoticed: each stage's keys are checked against the keys its stage kind's own source
-reads, train stages are built into a verl command line by the agent's `build_train_plan`, and (where the
-trainer environment is present) their override keys are checked against verl's own Hydra config.
+Validation refuses a `with:` key its stage kind does not read (`verlyard_shared.spec.WITH_KEYS`). That
+list is only right while the agent's sources read exactly those keys, so it is checked here against
+each kind's own source (and the runner's, for the keys every kind takes). Train stages are built into
+a verl command line by the agent's `build_train_plan`, and (where the trainer environment is present)
+their override keys are checked against verl's own Hydra config.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import pytest
 
 from tests.unit.test_verl_schema import compose, unknown_keys
+from verlyard_agent.stages import MODULES, ignored_params
 from verlyard_agent.trainer import Facts, build_train_plan
-from verlyard_shared.spec import PipelineSpec, StageSpec
+from verlyard_shared.spec import COMMON_WITH_KEYS, STAGE_KINDS, WITH_KEYS, PipelineSpec, StageSpec
 from verlyard_shared.validation import parse_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
+GUIDE = ROOT / "docs" / "guide" / "pipelines.md"
 AGENT = ROOT / "services" / "gpu-agent" / "src" / "verlyard_agent"
 EXPECTED = {"demo.yaml", "sales-sft.yaml", "grpo-gsm8k.yaml", "diamond.yaml", "three-layer.yaml"}
 ASSETS = "/srv/verlyard-demo/assets"
 """What scripts/demo.py puts in place of `{{ASSETS}}` (any absolute folder)."""
 
-# The source files whose `params` reads define each kind's `with:` keys.
+# The source files whose `params` reads are each kind's `with:` keys.
 KIND_SOURCES = {
     "noop": ("stages/noop.py",),
     "preprocess": ("stages/preprocess.py",),
@@ -34,11 +38,11 @@ KIND_SOURCES = {
     "evaluate": ("stages/evaluate.py", "stages/_verl.py"),
     "export": ("stages/export.py", "stages/_verl.py"),
     "cleanup": ("stages/cleanup.py",),
-    "command": ("stages/command.py",),
+    "command": ("stages/command.py", "childenv.py"),
 }
+COMMON_SOURCES = ("runner.py",)
+"""Where the keys every kind takes are read (`spec.COMMON_WITH_KEYS`)."""
 _READ = re.compile(r"""params(?:\.get\(|\[|,\s*)["'](\w+)["']|_int_param\(ctx,\s*["'](\w+)["']""")
-_NESTED = {"lora", "overrides", "reward_function"}
-"""Keys whose value is a mapping read by key elsewhere (checked by `build_train_plan`)."""
 
 
 def example_files() -> list[Path]:
@@ -50,9 +54,9 @@ def load(path: Path) -> PipelineSpec:
     return parse_pipeline(text, content_type="yaml")
 
 
-def keys_read(kind: str) -> set[str]:
+def keys_read(sources: Sequence[str]) -> set[str]:
     found: set[str] = set()
-    for name in KIND_SOURCES[kind]:
+    for name in sources:
         for match in _READ.finditer((AGENT / name).read_text()):
             found.add(match.group(1) or match.group(2))
     return found
@@ -96,11 +100,32 @@ def test_the_example_parses_and_validates(path: Path) -> None:
     assert spec.stages
 
 
-@pytest.mark.parametrize("path", example_files(), ids=lambda p: p.name)
-def test_every_with_key_is_read_by_its_stage_kind(path: Path) -> None:
-    for name, stage in load(path).stages.items():
-        unknown = set(stage.params) - keys_read(stage.kind) - _NESTED
-        assert not unknown, f"{path.name}: stages.{name}.with has keys the agent never reads: {sorted(unknown)}"
+@pytest.mark.parametrize("kind", STAGE_KINDS)
+def test_the_agent_reads_exactly_the_with_keys_validation_allows(kind: str) -> None:
+    declared = WITH_KEYS[kind] - COMMON_WITH_KEYS
+    read = keys_read(KIND_SOURCES[kind])
+    assert not read - declared, f"the agent's {kind} reads keys spec.WITH_KEYS lacks: {sorted(read - declared)}"
+    assert not declared - read, f"spec.WITH_KEYS[{kind!r}] has keys the agent never reads: {sorted(declared - read)}"
+
+
+def test_the_runner_reads_the_keys_every_kind_takes() -> None:
+    assert keys_read(COMMON_SOURCES) == COMMON_WITH_KEYS
+
+
+def test_the_agent_has_a_module_for_every_kind() -> None:
+    assert set(MODULES) == set(WITH_KEYS) == set(STAGE_KINDS)
+
+
+def test_the_agent_logs_the_keys_it_ignores_in_a_spec_from_before_they_were_refused() -> None:
+    assert ignored_params("train", {"model": "m", "reward_fn": {}, "watchdog": False, "x-note": 1}) == ["reward_fn"]
+
+
+def test_the_guide_lists_every_with_key_of_every_kind() -> None:
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", GUIDE.read_text(), re.MULTILINE))
+    for kind in STAGE_KINDS:
+        documented = set(re.findall(r"`(\w+)(?::[^`]*)?`", rows[kind]))
+        missing = WITH_KEYS[kind] - COMMON_WITH_KEYS - documented
+        assert not missing, f"docs/guide/pipelines.md: the {kind} row lacks {sorted(missing)}"
 
 
 def test_paths_the_agent_wants_absolute_are_absolute() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from verlyard_shared.spec import PipelineSpec, RetryPolicy
+from verlyard_shared.spec import WITH_KEYS, PipelineSpec, RetryPolicy
 from verlyard_shared.validation import (
     MAX_DEPTH,
     MAX_SPEC_BYTES,
@@ -217,6 +217,19 @@ CASES: list[tuple[str, str, str, int]] = [
     ("a: {kind: preprocess, with: {dataset: d, val_fraction: 2}}", "stages.a.with.val_fraction", "<= 0.99", 3),
     ("a: {kind: cleanup, with: {keep_last: -1}}", "stages.a.with.keep_last", ">= 0", 3),
     ("a: {kind: cleanup, with: {keep_last: 1.5}}", "stages.a.with.keep_last", "must be an integer", 3),
+    (
+        "a: {kind: train, with: {model: m, reward_fn: {path: /r.py}}}",
+        "stages.a.with.reward_fn",
+        "'reward_function'?",
+        3,
+    ),
+    ("a: {kind: noop, with: {sleep: 5}}", "stages.a.with.sleep", "unknown key `with.sleep` for a noop stage", 3),
+    ("a: {kind: export, with: {dataset: d}}", "stages.a.with.dataset", "known keys: checkpoint, watchdog", 3),
+    ("a: {kind: preprocess, with: {dataset: d, tokenizer: ./tok}}", "stages.a.with.tokenizer", "absolute path", 3),
+    ("a: {kind: preprocess, with: {dataset: d, tokenizer: ../tok}}", "stages.a.with.tokenizer", "absolute path", 3),
+    ("a: {kind: preprocess, with: {dataset: d, tokenizer: Qwen/Qwen2.5}}", "stages.a.with.tokenizer", "hub ids", 3),
+    ("a: {kind: preprocess, with: {dataset: d, tokenizer: /m/../etc}}", "stages.a.with.tokenizer", "`..`", 3),
+    ("a: {kind: preprocess, with: {dataset: d, tokenizer: 7}}", "stages.a.with.tokenizer", "must be a string", 3),
     ("a: {needs: []}", "stages.a.kind", "required", 3),
     ("a:", "stages.a", "is empty", 3),
     ("a: [noop]", "stages.a", "must be a mapping", 3),
@@ -233,6 +246,31 @@ def test_error_names_the_stage_field_and_line(stage: str, path: str, fragment: s
     assert issue.path == path
     assert fragment in issue.message
     assert issue.line == line
+
+
+def test_an_unknown_with_key_names_the_stage_the_field_and_the_nearest_known_key() -> None:
+    issue = one_error("name: p\nstages:\n  train: {kind: train, with: {model: m, reward_fn: {path: /r.py}}}\n")
+    assert issue.path == "stages.train.with.reward_fn"
+    assert issue.message.startswith("stage 'train': unknown key `with.reward_fn` for a train stage")
+    assert issue.message.endswith("did you mean 'reward_function'?")
+
+
+def test_every_kind_takes_exactly_its_known_with_keys() -> None:
+    for kind, keys in WITH_KEYS.items():
+        assert "watchdog" in keys, kind
+        errors = errors_of(f"name: p\nstages:\n  a: {{kind: {kind}, with: {{not_a_key: 1}}}}\n")
+        assert "stages.a.with.not_a_key" in [e.path for e in errors], kind
+
+
+def test_with_keys_starting_x_dash_are_the_users_own_and_pass() -> None:
+    spec = validate_pipeline(doc(a={"kind": "noop", "with": {"x-soak-poison": True, "x-owner": "me"}}))
+    assert spec.stages["a"].params == {"x-soak-poison": True, "x-owner": "me"}
+
+
+def test_a_tokenizer_folder_on_the_host_passes() -> None:
+    for tokenizer in ("/models/Qwen2.5-0.5B-Instruct", None):
+        with_ = {"dataset": "d", "tokenizer": tokenizer}
+        assert validate_pipeline(doc(a={"kind": "preprocess", "with": with_})).stages["a"].params == with_
 
 
 def test_lines_point_at_the_offending_field_in_block_yaml() -> None:

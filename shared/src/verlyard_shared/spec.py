@@ -2,13 +2,69 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Final, Literal
 
 import msgspec
 
 StageKind = Literal["noop", "preprocess", "train", "evaluate", "export", "cleanup", "command"]
 STAGE_KINDS: tuple[str, ...] = ("noop", "preprocess", "train", "evaluate", "export", "cleanup", "command")
 When = Literal["on_success", "on_failure", "always"]
+WITH_EXTENSION_PREFIX: Final = "x-"
+"""`with:` keys starting with it are the user's own (annotations, test hooks such as the soak's
+`x-soak-poison`): never checked, never read by a verlyard stage kind (as `x-` fields in Compose files)."""
+COMMON_WITH_KEYS: Final = frozenset({"watchdog"})
+"""`with:` keys of every kind, read by the agent's runner: `watchdog: false` or `{floor_s, factor}`."""
+WITH_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    kind: frozenset(keys) | COMMON_WITH_KEYS
+    for kind, keys in {
+        "noop": ("sleep_ms", "steps", "step_ms", "checkpoint_every", "fail", "exit_code", "failure_class", "reason"),
+        "preprocess": ("dataset", "format", "val_fraction", "seed", "max_dropped_fraction", "tokenizer", "max_length"),
+        "train": (
+            "algorithm",
+            "model",
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "micro_batch_size",
+            "lr",
+            "lora",
+            "save_every",
+            "max_length",
+            "save_hf",
+            "train_files",
+            "val_files",
+            "nproc_per_node",
+            "overrides",
+            # RL only
+            "rollout",
+            "rollout_n",
+            "rollout_tp",
+            "mini_batch_size",
+            "max_prompt_length",
+            "max_response_length",
+            "prompt_key",
+            "critic_lr",
+            "reward_function",
+        ),
+        "evaluate": (
+            "model",
+            "checkpoint",
+            "val_files",
+            "max_length",
+            "batch_size",
+            "max_samples",
+            "generate",
+            "max_new_tokens",
+        ),
+        "export": ("checkpoint",),
+        "cleanup": ("keep_last", "pinned", "stage", "dry_run"),
+        "command": ("run", "env"),
+    }.items()
+}
+"""The `with:` keys each stage kind reads: the one list the API's validation (which rejects any other
+key but `x-` ones), the agent's stage kinds and tests/unit/test_examples.py (which checks the agent's
+sources read exactly these) share."""
 FailureClass = Literal[
     "infra",
     "preempted",

@@ -14,12 +14,22 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import PurePosixPath
 from typing import Any, Final, Literal, cast, get_args
 
 import msgspec
 import yaml
 
-from verlyard_shared.spec import STAGE_KINDS, FailureClass, PipelineSpec, Resources, RetryPolicy, StageSpec
+from verlyard_shared.spec import (
+    STAGE_KINDS,
+    WITH_EXTENSION_PREFIX,
+    WITH_KEYS,
+    FailureClass,
+    PipelineSpec,
+    Resources,
+    RetryPolicy,
+    StageSpec,
+)
 
 MAX_SPEC_BYTES: Final = 1024 * 1024
 """Larger documents are refused before parsing (HTTP 413)."""
@@ -841,7 +851,16 @@ class _Checker:
         return spec, spec.needs
 
     def params(self, kind: str, params: dict[str, Any], path: Path) -> dict[str, Any]:
-        """Kind-specific checks of `with:`; unknown keys pass through to the agent."""
+        """Kind-specific checks of `with:`: only the keys the kind reads (`spec.WITH_KEYS`) or `x-` ones."""
+        known = sorted(WITH_KEYS.get(kind, ()))
+        for key in params:
+            if key not in known and not key.startswith(WITH_EXTENSION_PREFIX):
+                # The agent would ignore the key, so a misspelt one would silently change nothing.
+                self.issue(
+                    (*path, key),
+                    f"stage {path[1]!r}: unknown key `with.{key}` for a {kind} stage; known keys: "
+                    f"{', '.join(known)}{_did_you_mean(key, known)}",
+                )
         if kind == "noop":
             if "sleep_ms" in params:
                 self.integer(params["sleep_ms"], (*path, "sleep_ms"), low=0, high=86_400_000)
@@ -860,9 +879,29 @@ class _Checker:
                 got = self.number(params["val_fraction"], (*path, "val_fraction"), low=0, high=0.99)
                 if got is not None:
                     params["val_fraction"] = got
+            if params.get("tokenizer") is not None:
+                self.tokenizer(params["tokenizer"], (*path, "tokenizer"))
         elif kind == "cleanup" and "keep_last" in params:
             self.integer(params["keep_last"], (*path, "keep_last"), low=0)
         return params
+
+    def tokenizer(self, value: object, path: Path) -> None:
+        """A folder on the agent's host, as the agent's preprocess takes it: an absolute path without `..`.
+
+        The agent loads no hub ids (`org/name`) and resolves no relative paths here (its working folder
+        is the attempt's own), so both would only fail once the stage ran; they are refused at submission.
+        """
+        text = self.text(value, path)
+        if text is None:
+            return
+        if not text.startswith("/"):
+            self.issue(
+                path,
+                f"must be an absolute path to a model or tokenizer folder on the agent's host, not {text!r} "
+                "(relative paths and hub ids are not resolved)",
+            )
+        elif ".." in PurePosixPath(text).parts:
+            self.issue(path, f"must not contain `..`: {text!r}")
 
     def command(self, params: dict[str, Any], path: Path) -> None:
         run = params.get("run")

@@ -8,9 +8,11 @@ fails with a clear "not available on this agent" error of class `infra` (retried
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from verlyard_agent.stages.base import AttemptContext, StageFailure, StageResult
+from verlyard_shared.spec import WITH_EXTENSION_PREFIX, WITH_KEYS
 
 RunFn = Callable[[AttemptContext], Awaitable[StageResult]]
 
@@ -24,6 +26,14 @@ MODULES: dict[str, str] = {
     "evaluate": "verlyard_agent.stages.evaluate",
     "export": "verlyard_agent.stages.export",
 }
+
+
+def ignored_params(kind: str, params: Mapping[str, Any]) -> list[str]:
+    """The `with:` keys of `params` that the kind does not read (`spec.WITH_KEYS`, which the API's
+    validation enforces and tests/unit/test_examples.py checks against each kind's source): only a spec
+    submitted before the API refused such keys still carries them. `x-` keys are the user's own."""
+    known = WITH_KEYS.get(kind, frozenset())
+    return sorted(k for k in params if k not in known and not k.startswith(WITH_EXTENSION_PREFIX))
 
 
 def resolve(kind: str) -> RunFn:
