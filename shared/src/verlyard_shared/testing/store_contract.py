@@ -265,3 +265,14 @@ class StoreContract:
             await store.append("s-1", NO_STREAM, events(1), META, tracking=Tracking(consumer="scheduler", position=4))
         assert await store.stream_version("s-1") == 0
         assert await store.head_position() == 0
+
+    async def test_a_retried_append_still_moves_the_tracking_row(self, store: EventStore) -> None:
+        batch = events(2)
+        await store.append("s-1", NO_STREAM, batch, META, tracking=Tracking(consumer="scheduler", position=3))
+        # The same events again (all duplicates: no fresh row to carry the tracking), a later position.
+        again = await store.append("s-1", NO_STREAM, batch, META, tracking=Tracking(consumer="scheduler", position=6))
+        assert again.duplicate
+        assert await store.get_tracking("scheduler") == 6
+        with pytest.raises(TrackingMovedBackwards):
+            await store.append("s-1", NO_STREAM, batch, META, tracking=Tracking(consumer="scheduler", position=5))
+        assert await store.get_tracking("scheduler") == 6
