@@ -444,12 +444,14 @@ def _touch(
     if attempt.status not in ATTEMPT_ACTIVE:
         return state
     step, total_steps = attempt.step, attempt.total_steps
-    if isinstance(event, AttemptProgressed):
+    # `type(...) is`, not isinstance: a miss on a msgspec Struct class goes through its metaclass's
+    # instance check, several times the cost of this whole comparison (and this runs per report).
+    if type(event) is AttemptProgressed:
         status: AttemptStatus = "running"
         step = max(step or 0, event.step)
         if event.total_steps is not None:
             total_steps = event.total_steps
-    elif isinstance(event, AttemptStarted):
+    elif type(event) is AttemptStarted:
         status = "running"
     else:
         status = "accepted" if attempt.status == "placed" else attempt.status
