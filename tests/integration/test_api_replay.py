@@ -200,3 +200,17 @@ async def test_get_answers_the_projected_view_after_a_rebuild(api: ApiEnv, pg_po
     assert rebuilt.status_code == 200
     assert api.ctx.projector.views.peek(pid) is None  # cleared with the rebuild
     assert (await api.client.get(f"/api/v1/pipelines/{pid}", headers=api.auth())).json()["name"] == "sales-sft"
+
+
+async def test_a_rebuild_in_another_process_clears_this_cache(api: ApiEnv, pg_pool: asyncpg.Pool) -> None:
+    pid = (await api.submit())["id"]
+    a, b = PgProjector(pg_pool), PgProjector(pg_pool)
+    await a.catch_up()
+    await pg_pool.execute("UPDATE pipelines SET name = 'renamed' WHERE id = $1", pid)  # a corrupted row
+    assert (await a.view(pid)).name == "renamed"  # type: ignore[union-attr]  # read and cached as stored
+    await b.rebuild()  # repairs every row; no new event, so the tracking position does not move
+    await _place(api, pid, "prep", f"{pid}-prep")
+    await a.catch_up()  # sees the rebuild count move: nothing it cached holds
+    view = await a.view(pid)
+    assert view is not None and view.name == "sales-sft" and view.status == "running"
+    assert (await verify(api))["ok"] is True

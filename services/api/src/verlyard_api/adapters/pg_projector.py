@@ -45,6 +45,8 @@ BATCH: Final = 500
 ADMIN_TIMEOUT_S: Final = 600.0
 """Rebuild and verify read the whole log: they get minutes, not the request budget."""
 READ_MODEL_TABLES: Final = ("attempts", "stages", "pipelines", "tokens")
+REBUILDS: Final = "projector-rebuilds"
+"""A `tracking` row counting read-model rebuilds (its position is the count, not a log position)."""
 FORGET_SCAN_MAX: Final = 10_000
 """Positions projected elsewhere beyond which the view cache is cleared rather than scanned."""
 
@@ -65,6 +67,8 @@ class PgProjector:
         self._lock = asyncio.Lock()
         self.views = ViewCache()
         """Pipeline views as stored, kept exact by `_step` (docs/adr/0018-pipeline-view-cache.md)."""
+        self._rebuilds = 0
+        """The rebuild count (`tracking` row `REBUILDS`) the cache was last checked against."""
         self.position = 0
         """The highest position known to be projected (by this process or another)."""
         self.wakeup = wakeup or Wakeup()
@@ -85,7 +89,10 @@ class PgProjector:
     async def _step(self) -> int:
         """One batch in one transaction; returns how many events it applied."""
         async with guarded(), self._pool.acquire() as conn, conn.transaction():
-            tracked = await _lock_tracking(conn)
+            tracked, rebuilds = await _lock_tracking(conn)
+            if rebuilds != self._rebuilds:  # another process rewrote every row: nothing cached holds
+                self.views.clear()
+                self._rebuilds = rebuilds
             if tracked != self.position:
                 await self._forget_elsewhere(conn, tracked)
             rows = await conn.fetch(
@@ -205,6 +212,14 @@ class PgProjector:
                 await conn.execute(
                     "UPDATE tracking SET position = $2, updated_at = now() WHERE consumer = $1", CONSUMER, head
                 )
+                # Counted so every API process's projector clears its view cache at its next step.
+                self._rebuilds = int(
+                    await conn.fetchval(
+                        "INSERT INTO tracking (consumer, position) VALUES ($1, 1) ON CONFLICT (consumer) "
+                        "DO UPDATE SET position = tracking.position + 1, updated_at = now() RETURNING position",
+                        REBUILDS,
+                    )
+                )
             self.position = max(self.position, head)
             self.views.clear()
         log.info("read_models_rebuilt", position=head, pipelines=len(replayed.pipelines))
@@ -213,16 +228,23 @@ class PgProjector:
         )
 
 
-async def _lock_tracking(conn: Conn) -> int:
-    """Lock the projector's tracking row for this transaction (creating it at position 0 the first time)."""
-    position = await conn.fetchval("SELECT position FROM tracking WHERE consumer = $1 FOR UPDATE", CONSUMER)
-    if position is None:
+_LOCK_TRACKING = """
+SELECT position, (SELECT position FROM tracking WHERE consumer = $2) AS rebuilds
+FROM tracking WHERE consumer = $1 FOR UPDATE
+"""
+
+
+async def _lock_tracking(conn: Conn) -> tuple[int, int]:
+    """Lock the projector's tracking row for this transaction (creating it at position 0 the first time);
+    returns its position and the rebuild count."""
+    row = await conn.fetchrow(_LOCK_TRACKING, CONSUMER, REBUILDS)
+    if row is None:
         await conn.execute(
             "INSERT INTO tracking (consumer, position) VALUES ($1, 0) ON CONFLICT (consumer) DO NOTHING", CONSUMER
         )
-        position = await conn.fetchval("SELECT position FROM tracking WHERE consumer = $1 FOR UPDATE", CONSUMER)
-    assert position is not None, "the row exists now"
-    return int(position)
+        row = await conn.fetchrow(_LOCK_TRACKING, CONSUMER, REBUILDS)
+    assert row is not None, "the row exists now"
+    return int(row["position"]), int(row["rebuilds"] or 0)
 
 
 async def _replay(conn: Conn, until: int, batch: int) -> Projection:
