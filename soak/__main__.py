@@ -61,7 +61,7 @@ async def _published(
         js = nc.jetstream()
         info = await js.stream_info(subjects.STREAM_EVENTS)
         total = info.state.messages
-        sub = await js.subscribe(subjects.EVENTS_ALL, ordered_consumer=True)
+        sub = await js.subscribe(subjects.EVENTS_ALL, stream=subjects.STREAM_EVENTS, ordered_consumer=True)
         seen: dict[str, int] = {}
         lags: list[float] = []
         by_id = {e.event_id: e for e in events}

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -219,9 +220,23 @@ class ReportLog:
         return self.items
 
 
+async def _through_leader_changes(call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run a JetStream API call again while a leader change after the kill times it out (up to 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await call(*args)
+        except (TimeoutError, nats.errors.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def _events_in_stream(js: JetStreamContext) -> list[str]:
     info = await js.stream_info(subjects.STREAM_EVENTS)
-    sub = await js.subscribe(subjects.EVENTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    sub = await js.subscribe(
+        subjects.EVENTS_ALL, stream=subjects.STREAM_EVENTS, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
     ids: list[str] = []
     try:
         while len(ids) < info.state.messages:
@@ -400,12 +415,13 @@ async def test_a_killed_node_loses_no_command_report_or_event(
                     folders = list((tmp_path / agent).glob(f"agent/**/attempts/{attempt}"))
                     assert len(folders) == 1, (attempt, folders)
                 for agent in AGENTS:
-                    info = await js.consumer_info(subjects.STREAM_COMMANDS, subjects.agent_command_consumer(agent))
+                    durable = subjects.agent_command_consumer(agent)
+                    info = await _through_leader_changes(js.consumer_info, subjects.STREAM_COMMANDS, durable)
                     assert (info.num_pending, info.num_ack_pending) == (0, 0), f"{agent}: commands left unacked"
                 # Every committed event in the events stream once, in commit order.
                 committed = [e.event_id for e in await pg_store.read_all(after=0, limit=100_000)]
                 assert len(committed) == EVENTS
-                assert await _events_in_stream(js) == committed
+                assert await _through_leader_changes(_events_in_stream, js) == committed
                 assert killed and len([n for n in cluster.nodes if n.is_running()]) == 2
                 await _reconnected(agents_log, dropped)
         finally:
