@@ -24,6 +24,7 @@ from nats.js.errors import NotFoundError
 
 from verlyard_shared import codec, subjects
 from verlyard_shared.commands import AnyCommand
+from verlyard_shared.nats_fetch import fetch_ready
 from verlyard_shared.nats_topology import consumer_config, ensure_topology
 from verlyard_shared.topology import agent_command_consumer
 
@@ -80,7 +81,7 @@ class CommandConsumer:
         try:
             while not stop.is_set():
                 try:
-                    messages = await sub.fetch(self.batch, timeout=1.0)
+                    messages = await fetch_ready(sub, self.batch, 1.0)
                 except (NatsTimeoutError, TimeoutError):  # nothing to fetch (nats-py raises either)
                     continue
                 except Exception as exc:  # disconnected, consumer gone, server restarting

@@ -5,8 +5,8 @@
 - A message that can never be stored (not JSON, the wrong type, breaks the contract) is terminated and
   logged, never redelivered forever.
 - Postgres down: the batch is nak'ed with a delay and retried; nothing is acked before it is stored.
-- Latency: wait for ONE message (a long poll), then take what the consumer already holds
-  (`num_pending`) without waiting: a lone point is stored at once instead of after a batch timeout.
+- Latency: `verlyard_shared.nats_fetch.fetch_ready` waits for ONE message, then takes what the consumer
+  already holds without waiting: a lone point is stored at once instead of after a batch timeout.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from verlyard_api.promtext import OpsMetrics
 from verlyard_api.telemetry import BadTelemetry, LogRow, MetricRow, log_rows, metric_rows
 from verlyard_shared import subjects
 from verlyard_shared.codec import DecodeError, ValidationError, decode_telemetry
+from verlyard_shared.nats_fetch import fetch_ready
 from verlyard_shared.telemetry import LogBatch, MetricBatch
 
 log = structlog.get_logger("verlyard.api.telemetry")
@@ -87,7 +88,7 @@ class TelemetryPersister:
         delay = 0.2
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(1, timeout=WAIT_S)
+                msgs = await fetch_ready(sub, self._batch, WAIT_S)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except Exception as exc:
@@ -96,10 +97,6 @@ class TelemetryPersister:
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.2
-            pending = _pending(msgs[-1])
-            if pending > 0:
-                with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-                    msgs.extend(await sub.fetch(min(pending, self._batch - 1), timeout=WAIT_S))
             if not await self.handle(msgs):
                 await _sleep_or_stop(stop, RETRY_DELAY_S)
 
@@ -144,13 +141,6 @@ class TelemetryPersister:
         if self._on_commit is not None and rows:
             self._on_commit({r.pipeline_id for r in rows})
         return True
-
-
-def _pending(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.num_pending)
-    except Exception:  # not a JetStream message (never in practice)
-        return 0
 
 
 async def _quietly(call: Awaitable[Any]) -> None:

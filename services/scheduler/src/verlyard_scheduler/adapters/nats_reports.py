@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from verlyard_shared import codec
+from verlyard_shared.nats_fetch import fetch_ready
 from verlyard_shared.reports import AnyReport
 from verlyard_shared.subjects import CONSUMER_SCHEDULER_REPORTS, PREFIX, STREAM_REPORTS
 
@@ -92,7 +93,7 @@ class ReportInbox:
                     await self._taken.wait()
                     if self._closing:
                         break
-                    msgs = await sub.fetch(self._batch, timeout=self._fetch_s)
+                    msgs = await fetch_ready(sub, self._batch, self._fetch_s)
                     delay = 0.1
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue

@@ -1,0 +1,76 @@
+"""fetch_ready against a real nats-server 2.15: a message that lands on an open pull request is handed
+over at once (nats-py's batch fetch could hold it until the request expired), and what the consumer
+already holds comes with it, up to the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import nats.errors
+import pytest
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from verlyard_shared.nats_fetch import fetch_ready
+
+STREAM = "FETCHTEST"
+
+
+@pytest.fixture
+async def sub(js: JetStreamContext) -> AsyncIterator[JetStreamContext.PullSubscription]:
+    await js.add_stream(name=STREAM, subjects=["fetchtest.>"])
+    await js.add_consumer(STREAM, ConsumerConfig(durable_name="reader", ack_policy=AckPolicy.EXPLICIT))
+    subscription = await js.pull_subscribe_bind(durable="reader", stream=STREAM)
+    try:
+        yield subscription
+    finally:
+        await subscription.unsubscribe()
+        await js.delete_stream(STREAM)
+
+
+async def test_bursts_read_by_a_loop_of_short_requests_arrive_whole_and_in_order(
+    js: JetStreamContext, sub: JetStreamContext.PullSubscription
+) -> None:
+    # Bursts of three a few ms apart, read as the scheduler reads reports (0.5 s requests): every
+    # message comes, in order, each once. How soon is bench/fetch_stall.py's question (no timed asserts):
+    # nats-py's `fetch(1000, 0.5)` held some messages until their request expired.
+    arrived: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def reader() -> None:
+        while True:
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                for msg in await fetch_ready(sub, 1000, 0.5):
+                    await msg.ack()
+                    arrived.put_nowait(msg.data)
+
+    reading = asyncio.create_task(reader())
+    try:
+        for n in range(20):
+            burst = [f"{n}-{k}".encode() for k in range(3)]
+            for k, data in enumerate(burst):
+                await js.publish("fetchtest.x", data)
+                await asyncio.sleep(0.002 * ((n + k) % 4))
+            got = [await asyncio.wait_for(arrived.get(), timeout=10) for _ in burst]
+            assert got == burst
+            await asyncio.sleep(0.01 + 0.02 * (n % 3))
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+
+
+async def test_what_the_consumer_holds_comes_at_once_up_to_the_batch(
+    js: JetStreamContext, sub: JetStreamContext.PullSubscription
+) -> None:
+    for n in range(5):
+        await js.publish("fetchtest.x", str(n).encode())
+    first = await fetch_ready(sub, 3, 5.0)
+    rest = await fetch_ready(sub, 1000, 5.0)
+    assert [m.data for m in first] == [b"0", b"1", b"2"]
+    assert [m.data for m in rest] == [b"3", b"4"]
+    for msg in first + rest:
+        await msg.ack()
+    with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+        await fetch_ready(sub, 1000, 0.3)
