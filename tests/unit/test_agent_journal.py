@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from verlyard_agent.attempts import AttemptStore
-from verlyard_agent.journal import Journal
+from verlyard_agent.journal import CURSOR_EVERY, Journal
 from verlyard_agent.lifecycle import AttemptRecord
 
 
@@ -45,6 +45,51 @@ async def test_a_restart_replays_only_what_was_not_published(tmp_path: Path):
     assert again.backlog == 2 and [e.msg_id for e in again.peek()] == ["id-1", "id-2"]
     assert again.append("s", "id-3", b"{}") == 4, "sequence numbers continue"
     again.close()
+
+
+async def test_entries_past_the_memory_limit_are_read_back_from_the_file_in_order(tmp_path: Path):
+    path = tmp_path / "r.jsonl"
+    j = Journal(path, fsync=False, memory_entries=2)
+    for i in range(5):
+        j.append("s", f"id-{i}", b'{"n": %d}' % i)
+    path.write_bytes(path.read_bytes().replace(b'"id-3"', b'"id-X"'))  # only the file knows it
+    assert [e.msg_id for e in j.peek(10)] == ["id-0", "id-1", "id-2", "id-X", "id-4"]
+    for entry in j.peek(10):
+        j.mark_published(entry)
+    j.append("s", "id-5", b"{}")  # caught up with the file: kept in memory again
+    path.write_bytes(path.read_bytes().replace(b'"id-5"', b'"id-Y"'))
+    assert [e.msg_id for e in j.peek(10)] == ["id-5"] and j.backlog == 1
+    j.close()
+
+
+async def test_a_restart_with_a_backlog_reads_the_file_then_keeps_new_entries_after_it(tmp_path: Path):
+    path = tmp_path / "r.jsonl"
+    j = Journal(path, fsync=True)
+    for i in range(3):
+        j.append("s", f"id-{i}", b"{}")
+    j.close()
+    again = Journal(path, fsync=True)
+    again.append("s", "id-3", b"{}")
+    await again.sync()
+    assert [e.seq for e in again.peek(10)] == [1, 2, 3, 4]
+    for entry in again.peek(10):
+        again.mark_published(entry)
+    again.close()
+    assert Journal(path, fsync=True).backlog == 0
+
+
+def test_a_steady_stream_still_moves_the_cursor_so_a_crash_republishes_little(tmp_path: Path):
+    path = tmp_path / "r.jsonl"
+    j = Journal(path, fsync=False)
+    for i in range(100):
+        j.append("s", f"id-{i}", b"{}")
+    for entry in j.peek(70):
+        j.mark_published(entry)  # the buffer never empties: 30 entries still wait
+    crashed = Journal(path, fsync=False)  # no close(): what a killed agent leaves
+    assert crashed.backlog == 100 - CURSOR_EVERY
+    assert crashed.peek(1)[0].msg_id == f"id-{CURSOR_EVERY}"
+    crashed.close()
+    j.close()
 
 
 def test_a_line_torn_by_a_crash_is_cut(tmp_path: Path):

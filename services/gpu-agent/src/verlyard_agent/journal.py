@@ -39,6 +39,9 @@ class _Cursor(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _CURSOR_WIDTH = 63
+CURSOR_EVERY = 64
+"""The cursor is written when the publisher has nothing left in hand, and at least every this many
+entries under a steady stream (a restart re-publishes at most these; their Nats-Msg-Id dedupes them)."""
 _entry_decoder = msgspec.json.Decoder(JournalEntry)
 _cursor_decoder = msgspec.json.Decoder(_Cursor)
 _encoder = msgspec.json.Encoder()
@@ -47,8 +50,13 @@ _encoder = msgspec.json.Encoder()
 class Journal:
     """An append-only file of entries plus a published-up-to cursor. Not thread-safe: one event loop."""
 
-    def __init__(self, path: Path, *, fsync: bool, compact_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self, path: Path, *, fsync: bool, compact_bytes: int = 8 * 1024 * 1024, memory_entries: int = 4096
+    ) -> None:
         self.path = path
+        self.memory_entries = memory_entries
+        """Unpublished entries kept in memory as they are appended; past this many they are read back
+        from the file when their turn comes (a long NATS outage never grows the agent's memory)."""
         self.cursor_path = path.with_suffix(".cursor")
         self.fsync = fsync
         self.compact_bytes = compact_bytes
@@ -63,17 +71,22 @@ class Journal:
         if self._read_offset > size:  # the file was replaced or truncated under us: re-read it all
             self._read_offset = 0
         self._next_seq = max(self._published_seq, self._scan_last_seq()) + 1
+        self._end = size
+        """The file's length: where the next append lands."""
         self._file = path.open("ab", buffering=0)
         if fsync:  # what a crashed process left in the page cache becomes durable before it is published
             os.fsync(self._file.fileno())
         self._buffer: list[tuple[JournalEntry, int]] = []
-        """Entries read from the file but not yet published, with the offset after each."""
+        """Entries not yet published (kept on append, or read back from the file), with the offset
+        after each."""
         self._scanned_to = self._read_offset
         self._synced_seq = self._next_seq - 1
         """Entries up to here may be published (durable, or appended with `durable=False`)."""
         self._durable_upto = 0
         """The last entry appended with `durable=True` (to a durable journal)."""
         self._sync_lock = asyncio.Lock()
+        self._unsaved = 0
+        """Entries published since the cursor was last written."""
 
     # -- start-up ----------------------------------------------------------------------------------
 
@@ -125,8 +138,14 @@ class Journal:
         fsyncs first if this or an earlier entry is `durable`), return its seq."""
         seq = self._next_seq
         self._next_seq += 1
-        line = _encoder.encode(JournalEntry(seq=seq, subject=subject, msg_id=msg_id, data=msgspec.Raw(data)))
-        self._file.write(line + b"\n")
+        entry = JournalEntry(seq=seq, subject=subject, msg_id=msg_id, data=msgspec.Raw(data))
+        line = _encoder.encode(entry) + b"\n"
+        self._file.write(line)
+        start, self._end = self._end, self._end + len(line)
+        if self._scanned_to == start and len(self._buffer) < self.memory_entries:
+            # Everything before it is in the buffer already: keep it there, no read back from the file.
+            self._buffer.append((entry, self._end))
+            self._scanned_to = self._end
         if not self.fsync:
             self._synced_seq = seq
         elif durable:
@@ -188,9 +207,12 @@ class Journal:
         _, offset = self._buffer.pop(0)
         self._published_seq = entry.seq
         self._read_offset = offset
+        self._unsaved += 1
         if not self._buffer:
             self.save_cursor()
             self._maybe_compact()
+        elif self._unsaved >= CURSOR_EVERY:
+            self.save_cursor()
 
     def skip(self, entry: JournalEntry) -> None:
         """Give up on `entry` (NATS refuses it for good, e.g. too large): same as published."""
@@ -200,6 +222,7 @@ class Journal:
         """Overwrite the cursor in place: one small `pwrite`, padded to a fixed width so an older,
         longer value never leaves a tail. Not fsynced: a cursor behind the truth only re-publishes
         entries, which their Nats-Msg-Id dedupes."""
+        self._unsaved = 0
         data = _encoder.encode(_Cursor(seq=self._published_seq, offset=self._read_offset))
         if self._cursor_fd is None:
             self._cursor_fd = os.open(self.cursor_path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -209,12 +232,11 @@ class Journal:
         size = os.fstat(self._file.fileno()).st_size
         if self.backlog == 0 and size >= self.compact_bytes and self._read_offset >= size:
             self._file.truncate(0)
-            self._read_offset = self._scanned_to = 0
+            self._read_offset = self._scanned_to = self._end = 0
             self.save_cursor()
 
     def close(self) -> None:
-        if self.backlog == 0:
-            self.save_cursor()
+        self.save_cursor()
         if self._cursor_fd is not None:
             os.close(self._cursor_fd)
             self._cursor_fd = None
