@@ -12,7 +12,7 @@ import pytest
 from verlyard_shared.embedded.ports import free_port
 from verlyard_shared.embedded.postgres import EmbeddedPostgres
 from verlyard_shared.store.migrate import MigrationError, load_migrations, migrate
-from verlyard_shared.store.port import ANY, NO_STREAM, AppendRequest, EventStore, StoreUnavailable, Tracking
+from verlyard_shared.store.port import NO_STREAM, EventStore, StoreUnavailable
 from verlyard_shared.store.postgres import NOTIFY_CHANNEL, PostgresEventStore, connect_pool
 from verlyard_shared.testing.store_contract import META, StoreContract, events
 
@@ -21,44 +21,6 @@ class TestPostgresEventStore(StoreContract):
     @pytest.fixture
     async def store(self, pg_store: PostgresEventStore) -> EventStore:
         return pg_store
-
-
-class TestPostgresEventStoreFullPath(StoreContract):
-    """The same contract with the one-round-trip fast path off: every append takes the full path."""
-
-    @pytest.fixture
-    async def store(self, pg_pool: asyncpg.Pool) -> EventStore:
-        return PostgresEventStore(pg_pool, fast_path=False)
-
-
-_ROW = "SELECT stream_id, version, type, data, actor, correlation_id, causation_id, schema_version FROM events"
-
-
-async def test_the_fast_and_the_full_path_store_the_same_rows_and_results(pg_pool: asyncpg.Pool) -> None:
-    rows, results = [], []
-    stores = ((PostgresEventStore(pg_pool), "fast"), (PostgresEventStore(pg_pool, fast_path=False), "full"))
-    for store, prefix in stores:
-        await store.append(f"{prefix}-a", NO_STREAM, events(1), META)
-        batch = [
-            AppendRequest(stream_id=f"{prefix}-a", expected_version=1, events=tuple(events(2)), metadata=META),
-            AppendRequest(stream_id=f"{prefix}-b", expected_version=ANY, events=tuple(events(3)), metadata=META),
-        ]
-        out = await store.append_many(batch, tracking=Tracking(consumer=prefix, position=7))
-        results.append([(r.first_version, r.last_version, r.last_position - r.first_position) for r in out])
-        found = await pg_pool.fetch(f"{_ROW} WHERE stream_id LIKE $1 ORDER BY position", f"{prefix}-%")
-        rows.append([(r["stream_id"].split("-", 1)[1], *[r[k] for k in list(r.keys())[1:]]) for r in found])
-        assert await store.get_tracking(prefix) == 7
-        assert store.fast_appends == (2 if prefix == "fast" else 0)
-    assert results[0] == results[1] == [(2, 3, 1), (1, 3, 2)]
-    assert rows[0] == rows[1] and len(rows[0]) == 6
-
-
-async def test_a_database_without_the_append_function_takes_the_full_path(pg_pool: asyncpg.Pool) -> None:
-    await pg_pool.execute("DROP FUNCTION verlyard_append")
-    store = PostgresEventStore(pg_pool)
-    first = await store.append("s-1", NO_STREAM, events(2), META)
-    again = await store.append("s-1", 2, events(1), META)
-    assert (first.last_version, again.last_version) == (2, 3) and not store._fast  # pyright: ignore[reportPrivateUsage]
 
 
 async def test_events_are_append_only_in_the_database(pg_pool: asyncpg.Pool, pg_store: PostgresEventStore) -> None:

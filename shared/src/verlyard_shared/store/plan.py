@@ -49,20 +49,6 @@ class Duplicate:
 Step = Fresh | Duplicate
 
 
-def check_requests(requests: Sequence[AppendRequest]) -> None:
-    """What is wrong with the call whatever is stored: ValueError or DuplicateEventId (an id twice)."""
-    seen: set[str] = set()
-    for request in requests:
-        if not request.events:
-            raise ValueError(f"an append to {request.stream_id!r} needs at least one event")
-        if request.expected_version < ANY:
-            raise ValueError(f"expected_version {request.expected_version} is neither ANY (-1) nor a version >= 0")
-        for new in request.events:
-            if new.event_id in seen:
-                raise DuplicateEventId(new.event_id)
-            seen.add(new.event_id)
-
-
 def plan_appends(
     requests: Sequence[AppendRequest],
     *,
@@ -76,7 +62,17 @@ def plan_appends(
     current version of every stream the call names (absent = 0); `contents[i][j]` is the plain JSON
     data of `requests[i].events[j]`.
     """
-    check_requests(requests)
+    seen: set[str] = set()
+    for request in requests:
+        if not request.events:
+            raise ValueError(f"an append to {request.stream_id!r} needs at least one event")
+        if request.expected_version < ANY:
+            raise ValueError(f"expected_version {request.expected_version} is neither ANY (-1) nor a version >= 0")
+        for new in request.events:
+            if new.event_id in seen:
+                raise DuplicateEventId(new.event_id)
+            seen.add(new.event_id)
+
     running = dict(versions)
     steps: list[Step] = []
     for index, request in enumerate(requests):

@@ -9,7 +9,7 @@ admits plain SELECTs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -19,7 +19,7 @@ from asyncpg.pool import PoolConnectionProxy
 from verlyard_shared.codec import decode_event, encode
 from verlyard_shared.envelope import Envelope
 from verlyard_shared.events import event_type
-from verlyard_shared.store.plan import Duplicate, Fresh, StoredEvent, check_requests, plan_appends
+from verlyard_shared.store.plan import Duplicate, Fresh, StoredEvent, plan_appends
 from verlyard_shared.store.port import (
     AppendRequest,
     AppendResult,
@@ -153,14 +153,6 @@ SELECT NULL, s.stream_id, (SELECT max(version) FROM events WHERE stream_id = s.s
 FROM unnest($2::text[]) AS s(stream_id)
 """
 
-# The fast path (migration 0006, ADR 0020): the whole append in one statement and one round trip; no
-# rows back means it wrote nothing (a retry, a version conflict, a tracking row ahead): take the full path.
-_APPEND_FAST = """
-SELECT out_position, out_event_id, out_version
-FROM verlyard_append($1::text[], $2::text[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::text[], $8::text[],
-                     $9::text[], $10::int[], $11::int[], $12::text, $13::text, $14::bigint)
-"""
-
 _UPSERT_TRACKING = """
 INSERT INTO tracking (consumer, position) VALUES ($1, $2)
 ON CONFLICT (consumer) DO UPDATE SET position = EXCLUDED.position, updated_at = now()
@@ -172,10 +164,6 @@ RETURNING position
 class PostgresEventStore(EventStore):
     """The EventStore port on Postgres. `ordering_guard=False` exists only so a test can prove the guard matters.
 
-    An append takes the one-round-trip fast path (`verlyard_append`, ADR 0020) when it can and the full
-    path (lock, lookup, plan, insert, commit) when the fast path wrote nothing; `fast_path=False` sends
-    every append the full way (the tests hold both paths to the store contract).
-
     `_before_commit` is a test-only hook: awaited inside the append transaction after the rows are
     inserted and before COMMIT (a test sleeps there to commit late, or raises to roll back).
     """
@@ -185,16 +173,11 @@ class PostgresEventStore(EventStore):
         pool: asyncpg.Pool,
         *,
         ordering_guard: bool = True,
-        fast_path: bool = True,
         _before_commit: BeforeCommit | None = None,
     ) -> None:
         self._pool = pool
         self._ordering_guard = ordering_guard
         self._before_commit = _before_commit
-        self._fast = fast_path and ordering_guard and _before_commit is None
-        """Try `verlyard_append` first (off for the test-only modes, and once the function is missing)."""
-        self.fast_appends = 0
-        """Appends the fast path stored (the rest took the full path)."""
 
     # ---- writes ---------------------------------------------------------------------------------
 
@@ -203,14 +186,7 @@ class PostgresEventStore(EventStore):
     ) -> list[AppendResult]:
         if tracking is not None and tracking.position < 0:
             raise ValueError(f"tracking position {tracking.position} is negative")
-        check_requests(requests)
         encoded = [[encode(new.event) for new in request.events] for request in requests]
-        if self._fast and len({request.stream_id for request in requests}) == len(requests):
-            async with _mapped_errors(), self._pool.acquire() as conn:
-                fast = await self._append_fast(conn, requests, encoded, tracking)
-            if fast is not None:
-                self.fast_appends += 1
-                return fast
         # Without the guard, two first-time appends of the same ids can race past the id check; the
         # loser's unique violation means the winner committed, so one more pass finds the duplicate.
         attempts = 1 if self._ordering_guard else 2
@@ -232,44 +208,6 @@ class PostgresEventStore(EventStore):
                     raise DuplicateEventId(_id_in_detail(requests, detail)) from None
                 raise
         raise AssertionError("unreachable")
-
-    async def _append_fast(
-        self, conn: Conn, requests: Sequence[AppendRequest], encoded: list[list[bytes]], tracking: Tracking | None
-    ) -> list[AppendResult] | None:
-        """The append in one round trip, or None when the full path must decide (nothing was written)."""
-        columns = _event_columns(zip(requests, encoded, strict=True))
-        consumer, position = (tracking.consumer, tracking.position) if tracking is not None else (None, 0)
-        try:
-            rows = await conn.fetch(
-                _APPEND_FAST,
-                *columns,
-                [request.stream_id for request in requests],
-                [request.expected_version for request in requests],
-                [len(request.events) for request in requests],
-                NOTIFY_CHANNEL,
-                consumer,
-                position,
-            )
-        except asyncpg.UndefinedFunctionError:
-            self._fast = False  # a database without migration 0006: the full path from now on
-            return None
-        if not rows:
-            return None
-        stored = {row["out_event_id"]: (row["out_position"], row["out_version"]) for row in rows}
-        results: list[AppendResult] = []
-        for request in requests:
-            first_position, first_version = stored[request.events[0].event_id]
-            last_position, last_version = stored[request.events[-1].event_id]
-            results.append(
-                AppendResult(
-                    stream_id=request.stream_id,
-                    first_version=first_version,
-                    last_version=last_version,
-                    first_position=first_position,
-                    last_position=last_position,
-                )
-            )
-        return results
 
     async def _append_in_transaction(
         self,
@@ -321,12 +259,21 @@ class PostgresEventStore(EventStore):
         tracking: Tracking | None = None,
     ) -> tuple[list[AppendResult], bool]:
         """The results, and whether `tracking` was stored with the rows (False when not given)."""
-        fresh = [
-            (r, step, data) for r, step, data in zip(requests, steps, encoded, strict=True) if isinstance(step, Fresh)
-        ]
-        event_ids, stream_ids, *rest = _event_columns((r, data) for r, _, data in fresh)
-        versions = [step.first_version + offset for r, step, _ in fresh for offset in range(len(r.events))]
-        columns = (event_ids, stream_ids, versions, *rest)
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
+        event_ids, stream_ids, versions, types, schema_versions, datas, actors, correlations, causations = columns
+        for request, step, data in zip(requests, steps, encoded, strict=True):
+            if isinstance(step, Duplicate):
+                continue
+            for offset, (new, raw) in enumerate(zip(request.events, data, strict=True)):
+                event_ids.append(new.event_id)
+                stream_ids.append(request.stream_id)
+                versions.append(step.first_version + offset)
+                types.append(event_type(new.event))
+                schema_versions.append(SCHEMA_VERSION)
+                datas.append(raw.decode())
+                actors.append(request.metadata.actor)
+                correlations.append(request.metadata.correlation_id)
+                causations.append(request.metadata.causation_id)
         positions: dict[str, int] = {}
         tracked = False
         if event_ids:
@@ -396,24 +343,6 @@ class PostgresEventStore(EventStore):
         async with _mapped_errors():
             position = await self._pool.fetchval("SELECT position FROM tracking WHERE consumer = $1", consumer)
         return int(position or 0)
-
-
-def _event_columns(pairs: Iterable[tuple[AppendRequest, list[bytes]]]) -> list[list[Any]]:
-    """The rows of the requests' events as columns: event_id, stream_id, type, schema_version, data,
-    actor, correlation_id, causation_id (each request's events in order, requests in order)."""
-    columns: list[list[Any]] = [[], [], [], [], [], [], [], []]
-    event_ids, stream_ids, types, schema_versions, datas, actors, correlations, causations = columns
-    for request, data in pairs:
-        for new, raw in zip(request.events, data, strict=True):
-            event_ids.append(new.event_id)
-            stream_ids.append(request.stream_id)
-            types.append(event_type(new.event))
-            schema_versions.append(SCHEMA_VERSION)
-            datas.append(raw.decode())
-            actors.append(request.metadata.actor)
-            correlations.append(request.metadata.correlation_id)
-            causations.append(request.metadata.causation_id)
-    return columns
 
 
 def _envelope(row: asyncpg.Record) -> Envelope:
