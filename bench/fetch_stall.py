@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import random
+import secrets
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -58,13 +59,13 @@ async def measure(js: JetStreamContext, stream: str, read: Reader, bursts: int, 
     await asyncio.sleep(1.0)
     sent: dict[bytes, float] = {}
     for n in range(bursts):
-        for k in range(3):
-            key = f"{n}-{k}".encode()
+        burst = [f"{n}-{k}".encode() for k in range(3)]
+        for key in burst:
             sent[key] = time.perf_counter()
             await js.publish(f"{stream.lower()}.x", key)
             await asyncio.sleep(rng.uniform(0, 0.006))
         await asyncio.sleep(rng.uniform(0.01, 0.2))
-        while not all(k in arrived for k in sent):
+        while not all(k in arrived for k in burst):
             await asyncio.sleep(0.001)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -73,7 +74,7 @@ async def measure(js: JetStreamContext, stream: str, read: Reader, bursts: int, 
 
 
 async def main(bursts: int, runs: int) -> dict[str, Any]:
-    password = "bench"
+    password = secrets.token_urlsafe(16)
     with (
         tempfile.TemporaryDirectory() as folder,
         EmbeddedNats(Path(folder), free_port(), user="u", password=password) as srv,
@@ -94,7 +95,7 @@ async def main(bursts: int, runs: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="how long a message waits in a pull consumer's reader (ADR 0019)")
     parser.add_argument("--bursts", type=int, default=100, help="bursts of three per run")
     parser.add_argument("--runs", type=int, default=6)
     args = parser.parse_args()
