@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import nats.errors
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -74,3 +75,33 @@ async def test_what_the_consumer_holds_comes_at_once_up_to_the_batch(
         await msg.ack()
     with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
         await fetch_ready(sub, 1000, 0.3)
+
+
+async def test_a_burst_in_one_write_comes_as_one_batch(
+    nc: NATS, js: JetStreamContext, sub: JetStreamContext.PullSubscription
+) -> None:
+    # An agent's accepted, started and finished for a quick stage leave in one socket write; the
+    # reader's request is already waiting, so the first is delivered alone, possibly before the others
+    # are stored. The no-wait ask after it brings the rest: the scheduler commits the three together.
+    for _ in range(10):
+        waiting = asyncio.create_task(fetch_ready(sub, 1000, 30.0))
+        await asyncio.sleep(0.05)  # the long poll is open on the server
+        for k in range(3):
+            await nc.publish("fetchtest.x", str(k).encode())
+        await nc.flush()
+        batch = await asyncio.wait_for(waiting, timeout=10)  # never waits out its 30 s
+        assert [m.data for m in batch] == [b"0", b"1", b"2"]
+        for msg in batch:
+            await msg.ack()
+
+
+async def test_a_lone_message_comes_without_waiting_for_more(
+    js: JetStreamContext, sub: JetStreamContext.PullSubscription
+) -> None:
+    await js.publish("fetchtest.x", b"only")
+    batch = await asyncio.wait_for(fetch_ready(sub, 1000, 30.0), timeout=10)  # the ask after it ends at once
+    assert [m.data for m in batch] == [b"only"]
+    await batch[0].ack()
+    await js.publish("fetchtest.x", b"next")
+    nxt = await asyncio.wait_for(fetch_ready(sub, 1000, 30.0), timeout=10)
+    assert [m.data for m in nxt] == [b"next"]  # no status left over from the last ask gets in the way

@@ -4,35 +4,55 @@ nats-py's `PullSubscription.fetch(n)` with n > 1 returns only when n messages ca
 the pull request with a status (404 no messages, 408 expired). Measured against nats-server 2.15.1
 (docs/adr/0019-fetch-ready.md): a message that lands on an open request is then often held in the
 client until the request expires (up to 0.45 s of a 0.5 s fetch), with the message already delivered.
-So: wait for ONE message (`fetch(1)`, a long poll that returns the moment one arrives), then take
-exactly as many more as its metadata says the consumer holds (`num_pending`: already stored, so that
-request fills at once), up to `batch`.
+So: wait for ONE message (`fetch(1)`, a long poll that returns the moment one arrives), then ask
+once, without waiting, for what the consumer holds by then, up to `batch`.
+
+That second ask is a no-wait pull request (no `expires`: the server answers at once with what it
+has, then a 404 status if that is fewer than asked). It is not sized by the first message's
+`num_pending`: that counts what was stored when the first message was delivered, and a burst
+published in one write (an agent's accepted, started and finished for a quick stage) is often still
+being stored then. Asking after the first message has come back finds the rest of the burst, so the
+scheduler commits it in one transaction instead of two or three (docs/adr/0019-fetch-ready.md).
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 
-import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 
-def _pending_after(msg: Msg) -> int:
-    """How many messages the consumer held beyond `msg` when it was delivered (0 if not JetStream's)."""
+async def _take_waiting(sub: JetStreamContext.PullSubscription, limit: int, timeout: float) -> list[Msg]:
+    """Up to `limit` messages the consumer holds now, by one no-wait pull request.
+
+    nats-py's `fetch` always sends `expires` on a fresh request, which the server treats as a long
+    poll, so this one request is sent by hand on the subscription's own inbox. A status the server
+    sends instead of messages (404 none left, 408, 409 a leader change) ends it; so does `timeout`
+    (the server did not answer) or a failure of the link: anything that arrives later waits in the
+    subscription's queue, where the next `fetch` takes it first, and a late status there is dropped
+    by that `fetch`. Never raises, so the message the caller already holds is never lost with it.
+    """
+    taken: list[Msg] = []
+    inbox = sub._sub  # pyright: ignore[reportPrivateUsage]
     try:
-        return int(msg.metadata.num_pending)
-    except Exception:  # not a JetStream message (never in practice)
-        return 0
+        request = json.dumps({"batch": limit, "no_wait": True}).encode()
+        await sub._nc.publish(sub._nms, request, sub._deliver)  # pyright: ignore[reportPrivateUsage]
+        while len(taken) < limit:
+            msg = await inbox.next_msg(timeout)
+            if JetStreamContext.is_status_msg(msg) is not None:
+                break
+            taken.append(msg)
+    except Exception:  # timed out, or the link dropped: the caller's next fetch says which
+        pass  # what came is returned with the first message, never dropped with it
+    return taken
 
 
 async def fetch_ready(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
     """Up to `batch` messages: the first to arrive within `timeout` (else nats-py's timeout error is
-    raised, as `fetch` does), then those already waiting behind it, without waiting for more."""
+    raised, as `fetch` does), then those waiting behind it by the time it came back, without
+    waiting for more."""
     msgs = await sub.fetch(1, timeout=timeout)
-    more = min(_pending_after(msgs[-1]), batch - 1)
-    if more > 0:
-        # Another reader of the consumer may take some first: then this returns what it got by `timeout`.
-        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-            msgs.extend(await sub.fetch(more, timeout=timeout))
+    if batch > 1:
+        msgs.extend(await _take_waiting(sub, batch - 1, timeout))
     return msgs

@@ -22,6 +22,9 @@ from verlyard_agent.journal import Journal, JournalEntry
 
 log = structlog.get_logger("verlyard.agent.publisher")
 
+BURST_TURNS = 16
+"""Event-loop turns the publisher yields at most before publishing what woke it (see `_gather_burst`)."""
+
 
 class JournalPublisher:
     def __init__(self, journal: Journal, *, name: str, timeout_s: float = 5.0, batch: int = 64) -> None:
@@ -82,6 +85,7 @@ class JournalPublisher:
                 self._wake.clear()  # before looking: an append landing after the look wakes the wait
                 # In flight: always the oldest unpublished entries, so the backlog beyond them is news.
                 if len(in_flight) < self.batch and self.journal.backlog > len(in_flight):
+                    await self._gather_burst()
                     await self.journal.sync()  # one fsync for everything appended since the last one
                     for entry in self.journal.peek(len(in_flight) + self.batch):
                         if entry.seq <= launched or len(in_flight) >= self.batch:
@@ -110,6 +114,19 @@ class JournalPublisher:
         finally:
             for _, future in in_flight:
                 future.cancel()  # no longer waited for; a retry of one that landed is a duplicate
+
+    async def _gather_burst(self) -> None:
+        """Let the work that woke us finish appending before we publish: yield to the event loop until
+        the backlog stops growing (two quiet turns of the loop, at most BURST_TURNS turns; never a
+        timed wait). A quick attempt's accepted, started and finished then share one fsync and one
+        socket write, and reach the scheduler as one batch it commits in one transaction."""
+        quiet = 0
+        for _ in range(BURST_TURNS):
+            before = self.journal.backlog
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if self.journal.backlog == before else 0
+            if quiet >= 2:
+                return
 
     def _settle(self, entry: JournalEntry, future: asyncio.Future[PubAck]) -> bool:
         """Record the outcome of `entry`'s publish; False on a transient failure."""
