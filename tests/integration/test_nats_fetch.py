@@ -31,8 +31,9 @@ async def sub(js: JetStreamContext) -> AsyncIterator[JetStreamContext.PullSubscr
         await js.delete_stream(STREAM)
 
 
+@pytest.mark.parametrize("gather", [False, True])
 async def test_bursts_read_by_a_loop_of_short_requests_arrive_whole_and_in_order(
-    js: JetStreamContext, sub: JetStreamContext.PullSubscription
+    js: JetStreamContext, sub: JetStreamContext.PullSubscription, gather: bool
 ) -> None:
     # Bursts of three a few ms apart, read as the scheduler reads reports (0.5 s requests): every
     # message comes, in order, each once. How soon is bench/fetch_stall.py's question (no timed asserts):
@@ -42,7 +43,7 @@ async def test_bursts_read_by_a_loop_of_short_requests_arrive_whole_and_in_order
     async def reader() -> None:
         while True:
             with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
-                for msg in await fetch_ready(sub, 1000, 0.5):
+                for msg in await fetch_ready(sub, 1000, 0.5, gather=gather):
                     await msg.ack()
                     arrived.put_nowait(msg.data)
 
@@ -84,7 +85,7 @@ async def test_a_burst_in_one_write_comes_as_one_batch(
     # reader's request is already waiting, so the first is delivered alone, possibly before the others
     # are stored. The no-wait ask after it brings the rest: the scheduler commits the three together.
     for _ in range(10):
-        waiting = asyncio.create_task(fetch_ready(sub, 1000, 30.0))
+        waiting = asyncio.create_task(fetch_ready(sub, 1000, 30.0, gather=True))
         await asyncio.sleep(0.05)  # the long poll is open on the server
         for k in range(3):
             await nc.publish("fetchtest.x", str(k).encode())
@@ -95,13 +96,16 @@ async def test_a_burst_in_one_write_comes_as_one_batch(
             await msg.ack()
 
 
+@pytest.mark.parametrize("gather", [False, True])
 async def test_a_lone_message_comes_without_waiting_for_more(
-    js: JetStreamContext, sub: JetStreamContext.PullSubscription
+    js: JetStreamContext, sub: JetStreamContext.PullSubscription, gather: bool
 ) -> None:
     await js.publish("fetchtest.x", b"only")
-    batch = await asyncio.wait_for(fetch_ready(sub, 1000, 30.0), timeout=10)  # the ask after it ends at once
+    batch = await asyncio.wait_for(
+        fetch_ready(sub, 1000, 30.0, gather=gather), timeout=10
+    )  # the ask after it ends at once
     assert [m.data for m in batch] == [b"only"]
     await batch[0].ack()
     await js.publish("fetchtest.x", b"next")
-    nxt = await asyncio.wait_for(fetch_ready(sub, 1000, 30.0), timeout=10)
+    nxt = await asyncio.wait_for(fetch_ready(sub, 1000, 30.0, gather=gather), timeout=10)
     assert [m.data for m in nxt] == [b"next"]  # no status left over from the last ask gets in the way

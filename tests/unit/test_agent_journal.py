@@ -4,12 +4,15 @@ and the attempt records' deferred durability."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from verlyard_agent import journal as journal_module
 from verlyard_agent.attempts import AttemptStore
 from verlyard_agent.journal import CURSOR_EVERY, Journal
 from verlyard_agent.lifecycle import AttemptRecord
@@ -212,4 +215,32 @@ async def test_entries_that_need_no_durability_are_released_without_an_fsync(
     await j.sync()
     assert len(fsyncs) == opened + 1, "one fsync covers the durable entry and what came with it"
     assert [e.msg_id for e in j.peek()] == ["accepted", "started", "finished", "progress"]
+    j.close()
+
+
+async def test_sync_fsyncs_on_the_loop_while_the_disk_is_fast_and_in_a_thread_while_it_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    on_loop: list[bool] = []
+    fsync_takes = [0.0]
+
+    def fake_fsync(fd: int) -> None:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        time.sleep(fsync_takes[0])
+
+    monkeypatch.setattr(journal_module.os, "fsync", fake_fsync)
+    j = Journal(tmp_path / "r.jsonl", fsync=True)
+    on_loop.clear()  # the fsync on opening
+
+    async def append_and_sync(takes: float) -> None:
+        fsync_takes[0] = takes
+        j.append("s", f"id-{len(on_loop)}", b"{}")
+        await j.sync()
+
+    await append_and_sync(0.0)  # a fast disk: on the loop
+    await append_and_sync(0.008)  # still on the loop (the average was fast), but slow: 2 ms on average now
+    for _ in range(3):
+        await append_and_sync(0.0)  # in a thread until the average falls under INLINE_FSYNC_S again...
+    await append_and_sync(0.0)  # ...then back on the loop
+    assert on_loop == [True, True, False, False, False, True]
     j.close()

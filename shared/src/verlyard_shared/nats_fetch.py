@@ -5,14 +5,14 @@ the pull request with a status (404 no messages, 408 expired). Measured against 
 (docs/adr/0019-fetch-ready.md): a message that lands on an open request is then often held in the
 client until the request expires (up to 0.45 s of a 0.5 s fetch), with the message already delivered.
 So: wait for ONE message (`fetch(1)`, a long poll that returns the moment one arrives), then ask
-once, without waiting, for what the consumer holds by then, up to `batch`.
+once, without waiting, for those behind it, up to `batch`: a no-wait pull request (no `expires`: the
+server answers at once with what it has, then a 404 status if that is fewer than asked).
 
-That second ask is a no-wait pull request (no `expires`: the server answers at once with what it
-has, then a 404 status if that is fewer than asked). It is not sized by the first message's
-`num_pending`: that counts what was stored when the first message was delivered, and a burst
-published in one write (an agent's accepted, started and finished for a quick stage) is often still
-being stored then. Asking after the first message has come back finds the rest of the burst, so the
-scheduler commits it in one transaction instead of two or three (docs/adr/0019-fetch-ready.md).
+How many to ask for: the first message's `num_pending` counts what was stored when it was delivered,
+and a burst published in one write (an agent's accepted, started and finished for a quick stage) is
+often still being stored then. A reader that wants such a burst whole (`gather=True`: the scheduler,
+which then commits it in one transaction instead of two or three) asks for up to `batch` every
+time; the others ask only when `num_pending` says more wait (docs/adr/0019-fetch-ready.md).
 """
 
 from __future__ import annotations
@@ -48,11 +48,27 @@ async def _take_waiting(sub: JetStreamContext.PullSubscription, limit: int, time
     return taken
 
 
-async def fetch_ready(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
+def _pending_after(msg: Msg) -> int:
+    """How many messages the consumer held beyond `msg` when it was delivered (0 if not JetStream's)."""
+    try:
+        return int(msg.metadata.num_pending)
+    except Exception:  # not a JetStream message (never in practice)
+        return 0
+
+
+async def fetch_ready(
+    sub: JetStreamContext.PullSubscription, batch: int, timeout: float, *, gather: bool = False
+) -> list[Msg]:
     """Up to `batch` messages: the first to arrive within `timeout` (else nats-py's timeout error is
-    raised, as `fetch` does), then those waiting behind it by the time it came back, without
-    waiting for more."""
+    raised, as `fetch` does), then, without waiting for more, those behind it:
+
+    - `gather=False`: the `num_pending` its metadata counted (no second request for a lone message:
+      the agent's commands and the API's telemetry, handled one by one or latency-bound);
+    - `gather=True`: whatever the consumer holds once it came back, up to `batch` (one more round
+      trip, always: the scheduler's reports, where a burst taken whole is one commit instead of three).
+    """
     msgs = await sub.fetch(1, timeout=timeout)
-    if batch > 1:
-        msgs.extend(await _take_waiting(sub, batch - 1, timeout))
+    more = batch - 1 if gather else min(_pending_after(msgs[-1]), batch - 1)
+    if more > 0:
+        msgs.extend(await _take_waiting(sub, more, timeout))
     return msgs

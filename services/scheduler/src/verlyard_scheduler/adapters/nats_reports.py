@@ -93,7 +93,7 @@ class ReportInbox:
                     await self._taken.wait()
                     if self._closing:
                         break
-                    msgs = await fetch_ready(sub, self._batch, self._fetch_s)
+                    msgs = await fetch_ready(sub, self._batch, self._fetch_s, gather=True)
                     delay = 0.1
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
