@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from bench.http import LeanClient
 from verlyard_shared.embedded.nats import find_nats_server
 from verlyard_shared.embedded.ports import free_port
 from verlyard_shared.embedded.postgres import postgres_bin_dir
@@ -236,26 +237,28 @@ def _has_agent(body: Any) -> bool:
 
 
 class Client:
-    """The few API calls the benchmarks make, over one pooled httpx client."""
+    """The few API calls the benchmarks make, over a lean pooled client (bench/http.py)."""
 
     def __init__(self, stack: Stack, connections: int = 16) -> None:
         self.stack_home = stack.home
         self.base_url = stack.base_url
         self.token = stack.token
-        self.http = httpx.AsyncClient(
-            base_url=stack.base_url,
-            headers={"Authorization": f"Bearer {stack.token}"},
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            timeout=30,
+        self.http = LeanClient(
+            "127.0.0.1", stack.port, headers={"Authorization": f"Bearer {stack.token}"}, connections=connections
         )
+        self.stream_http = httpx.AsyncClient(
+            base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.token}"}, timeout=30
+        )
+        """For the live stream (L1) only: server-sent events, which the lean client does not read."""
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        await self.stream_http.aclose()
 
     async def submit(self, spec: dict[str, Any]) -> str:
-        response = await self.http.post("/api/v1/pipelines", json=spec)
-        if response.status_code != 201:
-            raise RuntimeError(f"submit answered {response.status_code}: {response.text}")
+        response = await self.http.post_json("/api/v1/pipelines", spec)
+        if response.status != 201:
+            raise RuntimeError(f"submit answered {response.status}: {response.text}")
         return str(response.json()["id"])
 
     async def get(self, pipeline_id: str) -> dict[str, Any]:
@@ -265,7 +268,7 @@ class Client:
         return body
 
     async def events_after(self, pipeline_id: str, after: int) -> list[dict[str, Any]]:
-        response = await self.http.get(f"/api/v1/pipelines/{pipeline_id}/events", params={"after": after, "limit": 500})
+        response = await self.http.get(f"/api/v1/pipelines/{pipeline_id}/events", {"after": after, "limit": 500})
         response.raise_for_status()
         items: list[dict[str, Any]] = response.json()["items"]
         return items

@@ -54,7 +54,7 @@ async def _watch_file(home: Path, pipeline_id: str, seen: dict[int, float], done
 
 async def _watch_stream(client: Client, pipeline_id: str, seen: dict[int, float], done: asyncio.Event) -> None:
     event = ""
-    async with client.http.stream("GET", f"/api/v1/pipelines/{pipeline_id}/stream", timeout=None) as response:
+    async with client.stream_http.stream("GET", f"/api/v1/pipelines/{pipeline_id}/stream", timeout=None) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("event:"):

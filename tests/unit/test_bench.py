@@ -1,13 +1,18 @@
 """Unit: the benchmark code's own arithmetic and data (percentiles, checks, the R1 recorded log copies,
-the result diff), so a published figure is not wrong because the harness is."""
+the result diff, the lean HTTP client's reading of answers), so a published figure is not wrong because
+the harness is."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+
+import pytest
 
 from bench.compare import compare
 from bench.h1 import parse_wrk
 from bench.harness import Result, percentile, summary
+from bench.http import HttpError, Response, _Connection  # pyright: ignore[reportPrivateUsage]
 from bench.r1 import recorded_events
 from verlyard_scheduler.world import World
 
@@ -72,3 +77,38 @@ def test_wrk_reports_are_read_with_their_units_and_every_error_counted() -> None
     assert got["req_per_s"] == 542.07 and got["requests"] == 4340
     assert (got["p50"], got["p75"], got["p90"], got["p99"]) == (27.1, 0.75, 41.02, 1200.0)
     assert got["errors"] == 7
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.sent = b""
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        pass
+
+
+async def _answer(raw: bytes) -> tuple[Response, bool, bytes]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(raw)
+    reader.feed_eof()
+    writer = _Writer()
+    response, keep = await _Connection(reader, writer).request(b"GET / HTTP/1.1\r\n\r\n", b"")  # type: ignore[arg-type]
+    return response, keep, writer.sent
+
+
+async def test_the_lean_client_reads_sized_chunked_and_closing_answers() -> None:
+    sized, keep, sent = await _answer(b'HTTP/1.1 201 Created\r\ncontent-length: 11\r\n\r\n{"id": "x"}')
+    assert (sized.status, sized.json(), keep, sent) == (201, {"id": "x"}, True, b"GET / HTTP/1.1\r\n\r\n")
+    chunked, keep, _ = await _answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n[1, \r\n2\r\n2]\r\n0\r\n\r\n"
+    )
+    assert (chunked.json(), keep) == ([1, 2], True)
+    closing, keep, _ = await _answer(b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+    assert (closing.status, keep) == (404, False)
+    with pytest.raises(HttpError, match="404"):
+        closing.raise_for_status()
+    with pytest.raises(HttpError, match="closed the connection"):
+        await _answer(b"")
