@@ -11,6 +11,7 @@ from nats.js.api import PubAck
 
 from verlyard_agent.journal import Journal
 from verlyard_agent.publisher import JournalPublisher
+from verlyard_shared.nats_pull import BURST_HEADER
 
 
 class FakeJetStream:
@@ -19,11 +20,13 @@ class FakeJetStream:
     def __init__(self) -> None:
         self.appended = 0
         self.sent: list[tuple[str, int]] = []
+        self.burst_left: list[str] = []
 
     def publish(
         self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float
     ) -> asyncio.Future[PubAck]:
         self.sent.append((headers["Nats-Msg-Id"], self.appended))  # when it is launched, not when acked
+        self.burst_left.append(headers[BURST_HEADER])
         acked: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         acked.set_result(PubAck(stream="REPORTS", seq=len(self.sent)))
         return acked
@@ -69,6 +72,7 @@ async def test_a_burst_appended_over_a_few_loop_turns_is_published_together(tmp_
     await _until_published(publisher, 3)
     assert [msg_id for msg_id, _ in js.sent] == ["accepted", "started", "finished"]
     assert all(seen == 3 for _, seen in js.sent), f"published before the burst was whole: {js.sent}"
+    assert js.burst_left == ["2", "1", "0"], "each message tells the scheduler how many follow it"
     stop.set()
     publisher.wake()
     await task

@@ -4,15 +4,12 @@ nats-py's `PullSubscription.fetch(n)` with n > 1 returns only when n messages ca
 the pull request with a status (404 no messages, 408 expired). Measured against nats-server 2.15.1
 (docs/adr/0019-fetch-ready.md): a message that lands on an open request is then often held in the
 client until the request expires (up to 0.45 s of a 0.5 s fetch), with the message already delivered.
-So: wait for ONE message (`fetch(1)`, a long poll that returns the moment one arrives), then ask
-once, without waiting, for those behind it, up to `batch`: a no-wait pull request (no `expires`: the
-server answers at once with what it has, then a 404 status if that is fewer than asked).
-
-How many to ask for: the first message's `num_pending` counts what was stored when it was delivered,
-and a burst published in one write (an agent's accepted, started and finished for a quick stage) is
-often still being stored then. A reader that wants such a burst whole (`gather=True`: the scheduler,
-which then commits it in one transaction instead of two or three) asks for up to `batch` every
-time; the others ask only when `num_pending` says more wait (docs/adr/0019-fetch-ready.md).
+So: wait for ONE message (`fetch(1)`, a long poll that returns the moment one arrives), then take
+as many more as its metadata says the consumer holds (`num_pending`), up to `batch`, with one
+no-wait pull request (no `expires`: the server answers at once with what it has, then a 404 status
+if another reader took some first). The agent's command consumer and the API's telemetry
+persisters read this way; the scheduler's report inbox keeps a pull request open instead
+(nats_pull.py), so a burst comes whole without a request per batch (docs/adr/0019-fetch-ready.md).
 """
 
 from __future__ import annotations
@@ -56,19 +53,12 @@ def _pending_after(msg: Msg) -> int:
         return 0
 
 
-async def fetch_ready(
-    sub: JetStreamContext.PullSubscription, batch: int, timeout: float, *, gather: bool = False
-) -> list[Msg]:
+async def fetch_ready(sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Msg]:
     """Up to `batch` messages: the first to arrive within `timeout` (else nats-py's timeout error is
-    raised, as `fetch` does), then, without waiting for more, those behind it:
-
-    - `gather=False`: the `num_pending` its metadata counted (no second request for a lone message:
-      the agent's commands and the API's telemetry, handled one by one or latency-bound);
-    - `gather=True`: whatever the consumer holds once it came back, up to `batch` (one more round
-      trip, always: the scheduler's reports, where a burst taken whole is one commit instead of three).
-    """
+    raised, as `fetch` does), then the `num_pending` its metadata counted behind it, without waiting
+    for more (no second request for a lone message)."""
     msgs = await sub.fetch(1, timeout=timeout)
-    more = batch - 1 if gather else min(_pending_after(msgs[-1]), batch - 1)
+    more = min(_pending_after(msgs[-1]), batch - 1)
     if more > 0:
         msgs.extend(await _take_waiting(sub, more, timeout))
     return msgs

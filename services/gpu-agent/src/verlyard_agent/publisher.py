@@ -19,6 +19,7 @@ from nats.js.api import PubAck
 from nats.js.errors import BadRequestError
 
 from verlyard_agent.journal import Journal, JournalEntry
+from verlyard_shared.nats_pull import BURST_HEADER
 
 log = structlog.get_logger("verlyard.agent.publisher")
 
@@ -87,15 +88,11 @@ class JournalPublisher:
                 if len(in_flight) < self.batch and self.journal.backlog > len(in_flight):
                     await self._gather_burst()
                     await self.journal.sync()  # one fsync for everything appended since the last one
-                    for entry in self.journal.peek(len(in_flight) + self.batch):
-                        if entry.seq <= launched or len(in_flight) >= self.batch:
-                            continue
-                        publish = js.publish(
-                            entry.subject,
-                            bytes(entry.data),
-                            headers={"Nats-Msg-Id": entry.msg_id},
-                            timeout=self.timeout_s,
-                        )
+                    room = self.batch - len(in_flight)
+                    burst = [e for e in self.journal.peek(len(in_flight) + self.batch) if e.seq > launched][:room]
+                    for i, entry in enumerate(burst):
+                        headers = {"Nats-Msg-Id": entry.msg_id, BURST_HEADER: str(len(burst) - 1 - i)}
+                        publish = js.publish(entry.subject, bytes(entry.data), headers=headers, timeout=self.timeout_s)
                         in_flight.append((entry, asyncio.ensure_future(publish)))
                         launched = entry.seq
                 if not in_flight:

@@ -1,7 +1,10 @@
 """Adapter: the scheduler's durable pull consumer of agent reports (`scheduler-reports` on VY_REPORTS).
 
-One batch is in the loop's hands at a time: the next fetch starts only once the loop has taken the
-previous batch, so few messages wait un-acked (the consumer's first ack deadline is `backoff[0]`).
+Read through one pull request kept open (`OpenPull`): a report is pushed to us the moment it is
+stored, and a quick stage's burst of three comes as one batch with no request in between (ADR 0019,
+later notes). One batch is in the loop's hands at a time: the next is taken only once the loop has
+taken the previous one; reports delivered meanwhile wait in the subscription, inside their ack
+deadline (`backoff[0]`), and come with the next batch.
 Settling is the loop's job: ack after the append committed, nak with a delay when it failed, term a
 poison message. Decoding and the subject check live here, at the edge.
 """
@@ -19,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from verlyard_shared import codec
-from verlyard_shared.nats_fetch import fetch_ready
+from verlyard_shared.nats_pull import OpenPull
 from verlyard_shared.reports import AnyReport
 from verlyard_shared.subjects import CONSUMER_SCHEDULER_REPORTS, PREFIX, STREAM_REPORTS
 
@@ -82,18 +85,20 @@ class ReportInbox:
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch until `stop` is set; NATS trouble (no consumer yet, a reconnect) is logged and retried."""
         sub: JetStreamContext.PullSubscription | None = None
+        pull: OpenPull | None = None
         delay = 0.1
         try:
             while not stop.is_set() and not self._closing:
                 try:
-                    if sub is None:
+                    if sub is None or pull is None:
                         sub = await self._js.pull_subscribe_bind(
                             durable=CONSUMER_SCHEDULER_REPORTS, stream=STREAM_REPORTS
                         )
+                        pull = OpenPull(sub, batch=self._batch, expires_s=self._fetch_s)
                     await self._taken.wait()
                     if self._closing:
                         break
-                    msgs = await fetch_ready(sub, self._batch, self._fetch_s, gather=True)
+                    msgs = await pull.next_batch(self._fetch_s)
                     delay = 0.1
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
@@ -111,6 +116,10 @@ class ReportInbox:
                     self._ready.extend(msgs)
                     self._taken.clear()
                     self._wake()
+            if pull is not None:
+                # What the open request still brings is handed back by `release`, not left delivered.
+                with contextlib.suppress(Exception):
+                    self._ready.extend(await pull.run_out())
         finally:
             if sub is not None:
                 with contextlib.suppress(Exception):
