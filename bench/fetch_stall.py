@@ -30,12 +30,23 @@ from bench.harness import summary
 from verlyard_shared.embedded.nats import EmbeddedNats
 from verlyard_shared.embedded.ports import free_port
 from verlyard_shared.nats_fetch import fetch_ready
+from verlyard_shared.nats_pull import OpenPull
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fetch-stall.json"
 Reader = Callable[[JetStreamContext.PullSubscription], Awaitable[list[Msg]]]
+_open: dict[int, OpenPull] = {}
+
+
+def _open_pull(sub: JetStreamContext.PullSubscription) -> Awaitable[list[Msg]]:
+    """The scheduler's report inbox: one pull request kept open per subscription."""
+    pull = _open.setdefault(id(sub), OpenPull(sub, batch=1000, expires_s=0.5))
+    return pull.next_batch(0.5)
+
+
 READERS: dict[str, Reader] = {
     "nats-py fetch(1000, 0.5)": lambda sub: sub.fetch(1000, timeout=0.5),
     "fetch_ready(1000, 0.5)": lambda sub: fetch_ready(sub, 1000, 0.5),
+    "OpenPull(1000, 0.5)": _open_pull,
 }
 
 
