@@ -166,7 +166,7 @@ async def run(client: Client, quick: bool) -> Result:
     result.check("submit req/s", ">= 300/s", sub_rps, lambda v: v >= 300, "/s")
     result.check("submit p99", "(reported)", summary(sub_lat)["p99"], lambda v: v == v)
     result.notes.append(
-        "wrk is not installed (scripts/system-deps.sh installs it): one Python client process (httpx, 16 "
+        "wrk is not installed (scripts/system-deps.sh installs it): one Python client process (bench/http.py, 16 "
         "connections) shares the 2 cores with the stack; the client itself costs CPU, so req/s is a lower "
         "bound of what the API serves"
     )
