@@ -12,7 +12,15 @@ from verlyard_shared.telemetry import TELEMETRY_TYPES
 SECTIONS: tuple[tuple[str, str, tuple[type[msgspec.Struct], ...]], ...] = (
     ("Events", "Appended to Postgres, published by the relay on `vy.evt.<stream>.<type>`.", EVENT_TYPES),
     ("Commands", "Scheduler → one agent, on `vy.cmd.<agent>.<kind>` (work queue).", COMMAND_TYPES),
-    ("Reports", "Agent → scheduler, on `vy.rpt.<agent>.<kind>` (work queue).", REPORT_TYPES),
+    (
+        "Reports",
+        "Agent → scheduler, on `vy.rpt.<agent>.<kind>` (work queue). Headers on every message the agent"
+        " publishes from its journal (reports and telemetry): `Nats-Msg-Id` (the report's or batch's id, for"
+        " JetStream's duplicate window) and `Vy-Burst-Left` (how many more messages the agent launched right"
+        " behind this one; the scheduler's report inbox waits up to 50 ms for an announced rest, so a quick"
+        " stage's accepted, started and finished are committed together; ADR 0019).",
+        REPORT_TYPES,
+    ),
     ("Telemetry", "Agent → API, on `vy.met.<pipeline>.<stage>` and `vy.log.<pipeline>.<stage>`.", TELEMETRY_TYPES),
 )
 

@@ -50,8 +50,16 @@ def _burst_left(msg: Msg) -> int:
 
 
 class OpenPull:
-    def __init__(self, sub: JetStreamContext.PullSubscription, *, batch: int, expires_s: float) -> None:
+    def __init__(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        *,
+        batch: int,
+        expires_s: float,
+        burst_wait_s: float = BURST_WAIT_S,
+    ) -> None:
         self._sub = sub
+        self._burst_wait_s = burst_wait_s
         self._inner = sub._sub  # pyright: ignore[reportPrivateUsage]
         self._batch = batch
         self._expires_s = expires_s
@@ -108,7 +116,7 @@ class OpenPull:
         while len(msgs) < self._batch and _burst_left(msgs[-1]) > 0:
             await self._ensure_request()
             try:
-                msg = await self._inner.next_msg(timeout=BURST_WAIT_S)
+                msg = await self._inner.next_msg(timeout=self._burst_wait_s)
             except nats.errors.TimeoutError:
                 break
             self._admit(msg, msgs)
