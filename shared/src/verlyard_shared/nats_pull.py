@@ -119,7 +119,10 @@ class OpenPull:
                 msg = await self._inner.next_msg(timeout=self._burst_wait_s)
             except nats.errors.TimeoutError:
                 break
+            before = len(msgs)
             self._admit(msg, msgs)
+            if len(msgs) == before:
+                break  # a status ended the request: the rest comes with the next batch
             await self._settle(msgs)
         return msgs
 
@@ -135,12 +138,6 @@ class OpenPull:
             quiet = quiet + 1 if len(msgs) == before else 0
             if quiet >= 2:
                 return
-
-    def drain_now(self) -> list[Msg]:
-        """What the queue holds (for handing back when closing)."""
-        msgs: list[Msg] = []
-        self._drain(msgs)
-        return msgs
 
     async def run_out(self) -> list[Msg]:
         """Wait until the open request has ended (its life), returning what it still brought."""
