@@ -20,11 +20,18 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 
+async def send_pull_request(sub: JetStreamContext.PullSubscription, request: dict[str, int | bool]) -> None:
+    """Send one pull request on the subscription's own inbox (nats-py's `fetch` opens a request per call
+    and always adds `expires`). The one place that uses nats-py's private `_nc`, `_nms`, `_deliver`."""
+    payload = json.dumps(request).encode()
+    await sub._nc.publish(sub._nms, payload, sub._deliver)  # pyright: ignore[reportPrivateUsage]
+
+
 async def _take_waiting(sub: JetStreamContext.PullSubscription, limit: int, timeout: float) -> list[Msg]:
     """Up to `limit` messages the consumer holds now, by one no-wait pull request.
 
     nats-py's `fetch` always sends `expires` on a fresh request, which the server treats as a long
-    poll, so this one request is sent by hand on the subscription's own inbox. A status the server
+    poll, so this one goes by `send_pull_request`. A status the server
     sends instead of messages (404 none left, 408, 409 a leader change) ends it; so does `timeout`
     (the server did not answer) or a failure of the link: anything that arrives later waits in the
     subscription's queue, where the next `fetch` takes it first, and a late status there is dropped
@@ -33,8 +40,7 @@ async def _take_waiting(sub: JetStreamContext.PullSubscription, limit: int, time
     taken: list[Msg] = []
     inbox = sub._sub  # pyright: ignore[reportPrivateUsage]
     try:
-        request = json.dumps({"batch": limit, "no_wait": True}).encode()
-        await sub._nc.publish(sub._nms, request, sub._deliver)  # pyright: ignore[reportPrivateUsage]
+        await send_pull_request(sub, {"batch": limit, "no_wait": True})
         while len(taken) < limit:
             msg = await inbox.next_msg(timeout)
             if JetStreamContext.is_status_msg(msg) is not None:

@@ -12,26 +12,29 @@ of its burst are on their way (the agent's `Vy-Burst-Left` header), waits for th
 `BURST_WAIT_S` each), and hands over all of it.
 
 Messages may be delivered while the caller is busy: they wait in the queue, inside their ack
-deadline, and come with the next batch. `close` lets the open request run out before unsubscribing
+deadline, and come with the next batch. `run_out` lets the open request end before unsubscribing
 (docs/adr/0019-fetch-ready.md, later note) so none is delivered to a subscription nobody reads.
 
-The request is sent by hand on the subscription's own inbox (nats-py's `fetch` opens a new request
-per call and waits for it to fill): this uses nats-py's `_nc`, `_nms`, `_deliver` and the inner
-subscription's queue. tests/integration/test_nats_fetch.py would catch a nats-py that renames them.
+The request is sent by hand on the subscription's own inbox (`nats_fetch.send_pull_request`:
+nats-py's `fetch` opens a new request per call and waits for it to fill), and read from the inner
+subscription's queue (nats-py's `_sub`, `_pending_queue`, `_pending_size`).
+tests/integration/test_nats_fetch.py would catch a nats-py that renames them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from collections.abc import Callable
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from verlyard_shared.nats_fetch import send_pull_request
+
 BURST_TURNS = 16
-"""Event-loop turns a batch waits at most for the rest of a burst (see the module text)."""
+"""Event-loop turns a burst's reader (the agent's publisher, `OpenPull`) yields at most for its rest."""
 BURST_HEADER = "Vy-Burst-Left"
 """Set by the agent's journal publisher on every message: how many more it launched right behind this
 one. A batch whose last message says more are coming waits for them (at most BURST_WAIT_S)."""
@@ -40,6 +43,23 @@ BURST_WAIT_S = 0.05
 the agent retries later, must not hold the batch)."""
 RENEW_MARGIN_S = 0.05
 """A request this close to its expiry is renewed before the next wait (its 408 may be on the way)."""
+
+
+async def until_quiet(measure: Callable[[], int], max_turns: int = BURST_TURNS) -> None:
+    """Yield to the event loop until `measure()` stops growing: two quiet turns in a row, at most
+    `max_turns`, never a timed wait (-1 stops at once). The agent's publisher waits so for the rest of
+    the burst of appends that woke it, and `OpenPull` for the rest of a burst of messages."""
+    quiet = 0
+    last = measure()
+    for _ in range(max_turns):
+        if last < 0:
+            return
+        await asyncio.sleep(0)
+        now = measure()
+        quiet = quiet + 1 if now == last else 0
+        last = now
+        if quiet >= 2:
+            return
 
 
 def _burst_left(msg: Msg) -> int:
@@ -71,9 +91,7 @@ class OpenPull:
     async def _ensure_request(self) -> None:
         if self._room > 0 and time.monotonic() < self._until - RENEW_MARGIN_S:
             return
-        request = {"batch": self._batch, "expires": int(self._expires_s * 1e9)}
-        nc = self._sub._nc  # pyright: ignore[reportPrivateUsage]
-        await nc.publish(self._sub._nms, json.dumps(request).encode(), self._sub._deliver)  # pyright: ignore[reportPrivateUsage]
+        await send_pull_request(self._sub, {"batch": self._batch, "expires": int(self._expires_s * 1e9)})
         self._room = self._batch
         self._until = time.monotonic() + self._expires_s
 
@@ -127,17 +145,11 @@ class OpenPull:
         return msgs
 
     async def _settle(self, msgs: list[Msg]) -> None:
-        """Let the event loop turn until the queue stops growing (two quiet turns, at most BURST_TURNS)."""
-        quiet = 0
-        for _ in range(BURST_TURNS):
-            if len(msgs) >= self._batch:
-                return
-            before = len(msgs)
-            await asyncio.sleep(0)
+        def taken() -> int:
             self._drain(msgs)
-            quiet = quiet + 1 if len(msgs) == before else 0
-            if quiet >= 2:
-                return
+            return len(msgs) if len(msgs) < self._batch else -1  # -1: full, stop at once
+
+        await until_quiet(taken)
 
     async def run_out(self) -> list[Msg]:
         """Wait until the open request has ended (its life), returning what it still brought."""

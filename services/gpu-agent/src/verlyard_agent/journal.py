@@ -12,8 +12,8 @@ has), and `sync` fsyncs everything appended so far, so many entries share one fs
 on the event loop while this disk answers in well under a millisecond (the hop to a worker thread
 and back cost ~1.5 ms of a W1 stage's latency here, the fsync 0.1 ms), and in a worker thread while
 it does not, so a slow disk never blocks the loop for long (ADR 0014). Nothing is handed out for
-publishing (`peek`) before the `sync` after it, so NATS never holds an entry a power loss could take back. An entry
-appended with `durable=False` (a report a power loss may lose without harm: the attempt dies with
+publishing (`peek`) before the `sync` after it, so NATS never holds an entry a power loss could take
+back. An entry appended with `durable=False` (a report a power loss may lose without harm: the attempt dies with
 the host, and the restarted agent reports it lost) needs no fsync of its own: when nothing durable
 is waiting, `sync` releases the entries without touching the disk.
 """

@@ -19,12 +19,9 @@ from nats.js.api import PubAck
 from nats.js.errors import BadRequestError
 
 from verlyard_agent.journal import Journal, JournalEntry
-from verlyard_shared.nats_pull import BURST_HEADER
+from verlyard_shared.nats_pull import BURST_HEADER, until_quiet
 
 log = structlog.get_logger("verlyard.agent.publisher")
-
-BURST_TURNS = 16
-"""Event-loop turns the publisher yields at most before publishing what woke it (see `_gather_burst`)."""
 
 
 class JournalPublisher:
@@ -113,17 +110,10 @@ class JournalPublisher:
                 future.cancel()  # no longer waited for; a retry of one that landed is a duplicate
 
     async def _gather_burst(self) -> None:
-        """Let the work that woke us finish appending before we publish: yield to the event loop until
-        the backlog stops growing (two quiet turns of the loop, at most BURST_TURNS turns; never a
-        timed wait). A quick attempt's accepted, started and finished then share one fsync and one
-        socket write, and reach the scheduler as one batch it commits in one transaction."""
-        quiet = 0
-        for _ in range(BURST_TURNS):
-            before = self.journal.backlog
-            await asyncio.sleep(0)
-            quiet = quiet + 1 if self.journal.backlog == before else 0
-            if quiet >= 2:
-                return
+        """Let the work that woke us finish appending before we publish (`until_quiet` on the backlog).
+        A quick attempt's accepted, started and finished then share one fsync and one socket write,
+        and reach the scheduler as one batch it commits in one transaction."""
+        await until_quiet(lambda: self.journal.backlog)
 
     def _settle(self, entry: JournalEntry, future: asyncio.Future[PubAck]) -> bool:
         """Record the outcome of `entry`'s publish; False on a transient failure."""
