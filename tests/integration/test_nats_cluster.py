@@ -52,7 +52,7 @@ from tests.integration.scheduler_kit import DIAMOND, history, submit, wait_termi
 from verlyard_api.relay import MSG_ID_HEADER, OutboxRelay
 from verlyard_scheduler.service import SchedulerConfig, SchedulerService
 from verlyard_shared import codec, subjects
-from verlyard_shared.embedded.nats import ClusterConfig, EmbeddedNats
+from verlyard_shared.embedded.nats import ClusterConfig, EmbeddedNats, NatsServerError
 from verlyard_shared.embedded.ports import free_port
 from verlyard_shared.envelope import Metadata, NewEvent
 from verlyard_shared.events import AgentRegistered, AttemptLost, PipelineCancelRequested, StageSucceeded
@@ -139,17 +139,14 @@ class Cluster:
         return next(n for n in self.nodes if n.config_path.parent.name == name)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def _nodes(folder: Path, creds: dict[str, AgentCredentials], password: str) -> list[EmbeddedNats]:
     # Listening on every address: agents in other network namespaces reach it over their veth.
     client_ports = [free_port() for _ in range(3)]
     route_ports = [free_port() for _ in range(3)]
     routes = tuple(f"nats-route://127.0.0.1:{p}" for p in route_ports)
-    creds = {agent: new_agent_credentials(agent, rounds=4) for agent in AGENTS}
-    password = "c" + secrets.token_hex(16)
-    nodes = [
+    return [
         EmbeddedNats(
-            tmp_path / f"n{i + 1}",
+            folder / f"n{i + 1}",
             client_ports[i],
             host="0.0.0.0",
             user="control",
@@ -162,9 +159,33 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         )
         for i in range(3)
     ]
+
+
+def _started(folder: Path, creds: dict[str, AgentCredentials], password: str) -> list[EmbeddedNats]:
+    """Three started nodes. The ports are chosen before the nodes start, and the first nodes' route
+    dials (ephemeral source ports) can take a later node's port meanwhile (CI: "bind: address already
+    in use"): then the whole cluster starts again on fresh ports."""
+    for attempt in range(3):
+        nodes = _nodes(folder / f"try{attempt}", creds, password)
+        try:
+            for node in nodes:
+                node.start()
+        except NatsServerError as exc:
+            for node in nodes:
+                node.kill()
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
+            continue
+        return nodes
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    creds = {agent: new_agent_credentials(agent, rounds=4) for agent in AGENTS}
+    password = "c" + secrets.token_hex(16)
+    nodes = _started(tmp_path, creds, password)
     try:
-        for node in nodes:
-            node.start()
         yield Cluster(nodes=nodes, creds=creds, password=password)
     finally:
         for node in nodes:
